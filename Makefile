@@ -1,0 +1,38 @@
+# Set-up and everyday commands. `make test` and `make app` build the virtual environment on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA ?= $(or $(DIGIT_READER_DATA),data)
+export DIGIT_READER_DATA := $(DATA)
+
+.PHONY: setup test app read eval train benchmark clean
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q
+
+app: setup
+	$(VENV)/bin/streamlit run app.py
+
+read: setup
+	$(PY) -m model.read examples/*.png
+
+eval: setup
+	$(PY) -m train.evaluate --suites all --n 2000 --beam 4 --out docs/eval
+
+train: setup
+	$(PY) -m train --preset classifier --out runs/classifier
+	$(PY) -m train --preset default --out runs/default --set init_encoder=runs/classifier/best.safetensors
+
+benchmark: setup
+	$(PY) -m benchmarks.decoding
+
+clean:
+	rm -rf $(VENV) .pytest_cache out

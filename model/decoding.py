@@ -1,0 +1,187 @@
+"""Autoregressive decoding: greedy (with or without the key/value cache) and beam search.
+
+Every function takes images already preprocessed to the model's canonical form
+(see `model/preprocess.py`) and returns digit lists, never token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from model.network import BOS, EOS, DigitReader, EncodedImages
+
+
+@dataclass
+class Reading:
+    """One image's greedy reading.
+
+    step_probs[i] is the probability the model gave the token it chose at step i
+    (the digits, then EOS). attention, when asked for, is a tensor
+    (steps, layers, heads, grid_h, grid_w) of cross-attention weights.
+    """
+
+    digits: list[int]
+    step_probs: list[float]
+    attention: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
+
+    @property
+    def confidence(self) -> float:
+        """Probability of the whole sequence, EOS included."""
+        out = 1.0
+        for p in self.step_probs:
+            out *= p
+        return out
+
+
+@dataclass
+class BeamHypothesis:
+    digits: list[int]
+    log_prob: float
+
+    @property
+    def probability(self) -> float:
+        return float(torch.tensor(self.log_prob).exp())
+
+
+@dataclass
+class _GreedyTrace:
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    probs: list[torch.Tensor] = field(default_factory=list)
+    attention: list[torch.Tensor] = field(default_factory=list)
+
+
+def _max_steps(model: DigitReader, max_digits: int | None) -> int:
+    limit = model.cfg.max_digits if max_digits is None else min(max_digits, model.cfg.max_digits)
+    return limit + 1  # room for EOS
+
+
+def _to_readings(trace: _GreedyTrace, encoded: EncodedImages, return_attention: bool) -> list[Reading]:
+    tokens = torch.stack(trace.tokens, dim=1).tolist()  # (B, steps)
+    probs = torch.stack(trace.probs, dim=1).tolist()
+    attention = torch.stack(trace.attention, dim=1) if return_attention else None  # (B, steps, L, h, N)
+    readings = []
+    for b, row in enumerate(tokens):
+        n = row.index(EOS) + 1 if EOS in row else len(row)
+        digits = [t for t in row[:n] if t != EOS]
+        reading = Reading(digits=digits, step_probs=probs[b][:n], grid=encoded.grid)
+        if attention is not None:
+            reading.attention = attention[b, :n].reshape(n, *attention.shape[2:4], *encoded.grid)
+        readings.append(reading)
+    return readings
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: DigitReader,
+    images: torch.Tensor,
+    pixel_mask: torch.Tensor | None = None,
+    use_cache: bool = True,
+    return_attention: bool = False,
+    max_digits: int | None = None,
+) -> list[Reading]:
+    """Read a batch greedily, stopping as soon as every sequence has emitted EOS.
+
+    use_cache=False recomputes the whole prefix at every step; it exists as the
+    reference the cache is tested and benchmarked against.
+    """
+    encoded = model.encoder(images, pixel_mask)
+    batch = images.shape[0]
+    steps = _max_steps(model, max_digits)
+    token = torch.full((batch,), BOS, dtype=torch.long, device=images.device)
+    prefix = token[:, None]
+    state = model.decoder.start(encoded, steps) if use_cache else None
+    finished = torch.zeros(batch, dtype=torch.bool, device=images.device)
+    trace = _GreedyTrace()
+    for _ in range(steps):
+        if state is not None:
+            logits, weights = model.decoder.step(token, state, return_attention)
+        else:
+            all_logits, all_weights = model.decoder(prefix, encoded, return_attention)
+            logits = all_logits[:, -1]
+            weights = [w[:, :, -1] for w in all_weights]
+        probs = logits.float().softmax(-1)
+        best_prob, token = probs.max(-1)
+        token = torch.where(finished, torch.full_like(token, EOS), token)
+        trace.tokens.append(token)
+        trace.probs.append(best_prob)
+        if return_attention:
+            trace.attention.append(torch.stack(weights, dim=1))  # (B, L, h, N)
+        finished |= token == EOS
+        if bool(finished.all()):
+            break
+        prefix = torch.cat([prefix, token[:, None]], dim=1)
+    return _to_readings(trace, encoded, return_attention)
+
+
+@torch.no_grad()
+def beam_search(
+    model: DigitReader,
+    images: torch.Tensor,
+    pixel_mask: torch.Tensor | None = None,
+    beam_size: int = 4,
+    max_digits: int | None = None,
+) -> list[list[BeamHypothesis]]:
+    """Beam search with the key/value cache; returns each image's finished hypotheses, best first.
+
+    Scores are summed log-probabilities (no length penalty: every hypothesis
+    pays for its EOS, and digit counts are what the image shows).
+    """
+    encoded = model.encoder(images, pixel_mask)
+    batch, device = images.shape[0], images.device
+    steps = _max_steps(model, max_digits)
+    # Every image starts with one live beam; the others begin at -inf so the first step fans out.
+    expand = torch.arange(batch, device=device).repeat_interleave(beam_size)
+    encoded = EncodedImages(
+        encoded.memory.index_select(0, expand), encoded.token_mask.index_select(0, expand), encoded.grid,
+        encoded.has_padding,
+    )
+    state = model.decoder.start(encoded, steps)
+    scores = torch.full((batch, beam_size), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    token = torch.full((batch * beam_size,), BOS, dtype=torch.long, device=device)
+    history = torch.zeros(batch * beam_size, 0, dtype=torch.long, device=device)
+    finished: list[list[BeamHypothesis]] = [[] for _ in range(batch)]
+    for step in range(steps):
+        logits, _ = model.decoder.step(token, state)
+        log_probs = logits.float().log_softmax(-1)
+        vocab = log_probs.shape[-1]
+        if step == steps - 1:  # out of room: only EOS may follow
+            forced = torch.full_like(log_probs, float("-inf"))
+            forced[:, EOS] = log_probs[:, EOS]
+            log_probs = forced
+        candidates = (scores.view(-1, 1) + log_probs).view(batch, beam_size * vocab)
+        top_scores, top_index = candidates.topk(2 * beam_size, dim=1)
+        beam_index, token_index = top_index // vocab, top_index % vocab
+        next_scores = torch.full((batch, beam_size), float("-inf"), device=device)
+        next_rows = torch.zeros(batch, beam_size, dtype=torch.long, device=device)
+        next_tokens = torch.full((batch, beam_size), EOS, dtype=torch.long, device=device)
+        top_scores_list, beam_list, token_list = top_scores.tolist(), beam_index.tolist(), token_index.tolist()
+        for b in range(batch):
+            kept = 0
+            for score, beam, tok in zip(top_scores_list[b], beam_list[b], token_list[b]):
+                if score == float("-inf") or kept == beam_size:
+                    break
+                row = b * beam_size + beam
+                if tok == EOS:
+                    finished[b].append(BeamHypothesis(history[row].tolist(), score))
+                    continue
+                next_scores[b, kept], next_rows[b, kept], next_tokens[b, kept] = score, row, tok
+                kept += 1
+        # An image is done once its beam_size best finished hypotheses beat every live one
+        # (scores only fall as a hypothesis grows).
+        for f in finished:
+            f.sort(key=lambda h: -h.log_prob)
+            del f[beam_size:]
+        best_live = next_scores.max(dim=1).values.tolist()
+        done = all(len(f) >= beam_size and f[-1].log_prob >= live for f, live in zip(finished, best_live))
+        if done or bool(torch.isinf(next_scores).all()):
+            break
+        rows = next_rows.view(-1)
+        state.reorder(rows)
+        history = torch.cat([history.index_select(0, rows), next_tokens.view(-1, 1)], dim=1)
+        scores = next_scores
+        token = next_tokens.view(-1)
+    return finished

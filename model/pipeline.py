@@ -1,0 +1,87 @@
+"""Image in, digits out: preprocessing, batching and decoding behind one call.
+
+The batch reader (`python -m model.read`) and the Streamlit app both use
+`SequenceReader`, so they read a given image identically.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from model.decoding import BeamHypothesis, Reading, beam_search, greedy_decode
+from model.network import DigitReader
+from model.preprocess import Preprocessed, batch_images, preprocess_image
+
+
+@dataclass
+class ReadResult:
+    """One image's reading. `reading` holds per-step probabilities (and attention if asked);
+    `alternatives` the beam-search hypotheses, best first, when a beam was asked for."""
+
+    digits: list[int]
+    confidence: float
+    reading: Reading
+    preprocessed: Preprocessed
+    alternatives: list[BeamHypothesis] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def text(self) -> str:
+        return "".join(str(d) for d in self.digits)
+
+
+class SequenceReader:
+    """A loaded checkpoint that reads images of handwritten digit sequences."""
+
+    def __init__(self, checkpoint: str | os.PathLike = DEFAULT_CHECKPOINT, device: str = "cpu"):
+        model, meta = load_checkpoint(checkpoint, device=device)
+        if not isinstance(model, DigitReader):
+            raise ValueError(f"{checkpoint} is a {meta['model']['kind']} checkpoint; reading sequences needs a reader")
+        self.model: DigitReader = model
+        self.meta = meta
+        self.checkpoint = Path(checkpoint)
+        self.device = device
+
+    def read(
+        self,
+        images: list[Image.Image | np.ndarray | Preprocessed],
+        beam: int = 0,
+        attention: bool = False,
+        batch_size: int = 64,
+    ) -> list[ReadResult]:
+        """Read images (PIL, arrays, or already preprocessed). Greedy digits always; beam alternatives if beam > 1.
+
+        Raises model.preprocess.NoInkError for a blank image; read_many() turns
+        per-image failures into error entries instead.
+        """
+        started = time.perf_counter()
+        prepared = [im if isinstance(im, Preprocessed) else preprocess_image(im) for im in images]
+        results: list[ReadResult | None] = [None] * len(prepared)
+        # Similar sizes together keeps padding (wasted work) small.
+        order = sorted(range(len(prepared)), key=lambda i: prepared[i].image.shape)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch, mask = batch_images([prepared[i].image for i in chunk])
+            batch, mask = batch.to(self.device), mask.to(self.device)
+            readings = greedy_decode(self.model, batch, mask, return_attention=attention)
+            beams = beam_search(self.model, batch, mask, beam_size=beam) if beam > 1 else [[] for _ in chunk]
+            for i, reading, alternatives in zip(chunk, readings, beams):
+                if attention:
+                    # Crop the attention grid to this image's own tokens (the batch was padded).
+                    stride = self.model.cfg.stride
+                    h, w = (-(-s // stride) for s in prepared[i].image.shape)
+                    reading.attention = reading.attention[..., :h, :w]
+                    reading.grid = (h, w)
+                results[i] = ReadResult(reading.digits, reading.confidence, reading, prepared[i], alternatives)
+        elapsed = time.perf_counter() - started
+        for result in results:
+            result.seconds = elapsed / max(1, len(results))
+        return results

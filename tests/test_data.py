@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+
+from train.data import DatasetMissingError, DigitPool, load_pools
+from train.evaluate import SUITES, suite_samples
+from train.synth import LAYOUTS, STYLES, AmbiguousLayout, SequenceSynth, reading_order
+
+
+def test_reading_order_rule():
+    # Two lines: the lower-left digit comes after both digits of the upper line.
+    boxes = [(40, 0, 60, 15), (0, 30, 20, 45), (2, 0, 22, 14)]
+    assert reading_order(boxes) == [2, 1, 0]
+    # Within a line, left to right by ink centre, whatever the vertical jitter.
+    assert reading_order([(3, 50, 23, 60), (0, 0, 20, 12), (5, 20, 25, 35)]) == [1, 2, 0]
+
+
+@pytest.mark.parametrize(
+    "boxes",
+    [
+        [(0, 0, 20, 15), (21, 30, 41, 45)],  # lines one row apart: which comes first is unclear
+        [(0, 0, 20, 15), (12, 20, 32, 35)],  # a staircase: same line by rows, but barely overlapping
+        [(0, 0, 20, 16), (0, 3, 20, 19)],  # two digits on top of each other
+    ],
+)
+def test_ambiguous_layouts_are_rejected(boxes):
+    with pytest.raises(AmbiguousLayout):
+        reading_order(boxes)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_generated_labels_follow_the_rule(pools, layout):
+    synth = SequenceSynth(pools["train"], STYLES["train"], seed=3)
+    for sample in synth.sample(layout, 32):
+        assert reading_order(sample.boxes) == list(range(len(sample.boxes)))
+        assert len(sample.digits) == len(sample.boxes) >= 1
+        assert sample.image.dtype == np.float32 and 0.0 <= sample.image.min() and sample.image.max() <= 1.0
+
+
+def test_layout_shapes_and_lengths(pools):
+    synth = SequenceSynth(pools["test"], STYLES["clean"], seed=0)
+    assert all(s.image.shape == (28, 28) and len(s.digits) == 1 for s in synth.sample("single", 8))
+    assert all(s.image.shape == (56, 56) and len(s.digits) == 4 for s in synth.sample("grid2x2", 8))
+    assert all(s.image.shape == (100, 100) and len(s.digits) == 2 for s in synth.sample("scatter", 8))
+    strips = synth.sample("strip", 64, min_digits=1, max_digits=12)
+    assert {len(s.digits) for s in strips} >= {1, 12}
+    lines = synth.sample("multiline", 16)
+    assert all(s.image.shape[0] > 50 for s in lines)
+    # Grid reading order is top-left, top-right, bottom-left, bottom-right.
+    for s in synth.sample("grid2x2", 8):
+        (t0, l0, _, _), (t1, l1, _, _), (t2, l2, _, _), (t3, l3, _, _) = s.boxes
+        assert t0 < 28 and t1 < 28 and t2 >= 28 and t3 >= 28 and l0 < 28 <= l1 and l2 < 28 <= l3
+
+
+def _pattern_pool() -> DigitPool:
+    """Ten fake digits: digit k is a distinct random pattern filling the central 20x20 box."""
+    rng = np.random.default_rng(0)
+    images = torch.zeros(10, 28, 28, dtype=torch.uint8)
+    images[:, 4:24, 4:24] = torch.from_numpy(rng.integers(60, 256, size=(10, 20, 20)).astype(np.uint8))
+    return DigitPool(images, torch.arange(10), "test", np.arange(10))
+
+
+@pytest.mark.parametrize("layout", ["grid2x2", "strip", "multiline", "scatter"])
+def test_labels_name_the_digits_drawn_at_each_box(layout):
+    pool = _pattern_pool()
+    synth = SequenceSynth(pool, STYLES["clean"], seed=4)
+    for sample in synth.sample(layout, 16):
+        for digit, (top, left, bottom, right) in zip(sample.digits, sample.boxes):
+            drawn = sample.image[top:bottom, left:right]
+            expected = pool.images[digit, 4:24, 4:24].float().numpy() / 255.0
+            assert drawn.shape == expected.shape
+            assert np.allclose(drawn, expected, atol=1e-3)
+
+
+def test_generator_is_deterministic_for_a_seed(pools):
+    a = SequenceSynth(pools["test"], STYLES["hard"], seed=11).sample("strip", 16)
+    b = SequenceSynth(pools["test"], STYLES["hard"], seed=11).sample("strip", 16)
+    c = SequenceSynth(pools["test"], STYLES["hard"], seed=12).sample("strip", 16)
+    assert all(np.array_equal(x.image, y.image) and x.digits == y.digits for x, y in zip(a, b))
+    assert any(x.digits != z.digits for x, z in zip(a, c))
+    assert suite_samples("grid2x2", pools["test"], 10)[3].digits == suite_samples("grid2x2", pools["test"], 10)[3].digits
+
+
+def test_splits_never_mix(pools):
+    train, val, test = pools["train"], pools["val"], pools["test"]
+    assert train.split == val.split == "train" and test.split == "test"
+    assert not set(train.indices) & set(val.indices)
+    assert len(train) + len(val) == 60000 and len(test) == 10000
+    # Evaluation suites draw digits from the test pool only.
+    assert {SUITES[name].layout for name in SUITES} <= set(LAYOUTS)
+
+
+def test_missing_dataset_names_the_folder_and_the_fix(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Dataset not found. You can use download=True to download it")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(DatasetMissingError) as info:
+        load_pools(tmp_path / "nowhere")
+    message = str(info.value)
+    assert "nowhere" in message and "DIGIT_READER_DATA" in message and "--data-root" in message

@@ -1,0 +1,109 @@
+import torch
+import torch.nn.functional as F
+
+from model.decoding import beam_search, greedy_decode
+from model.network import BOS, EOS, NUM_OUTPUTS, DigitClassifier, DigitReader, ModelConfig, PatchEmbedding
+from tests.conftest import TINY
+
+
+def test_patch_embedding_equals_strided_convolution():
+    torch.manual_seed(0)
+    embed = PatchEmbedding(in_channels=3, patch_size=4, d_model=16)
+    conv = torch.nn.Conv2d(3, 16, kernel_size=4, stride=4)
+    conv.weight.data = embed.proj.weight.data.view(16, 3, 4, 4).clone()
+    conv.bias.data = embed.proj.bias.data.clone()
+    x = torch.randn(2, 3, 12, 20)
+    expected = conv(x).flatten(2).transpose(1, 2)
+    assert torch.allclose(embed(x), expected, atol=1e-5)
+
+
+def test_loss_at_init_is_uniform_over_outputs(tiny_reader):
+    images = torch.rand(4, 1, 28, 56)
+    tokens = torch.tensor([[BOS, 1, 2, 3]] * 4)
+    logits = tiny_reader(images, tokens)
+    loss = F.cross_entropy(logits.flatten(0, 1), torch.tensor([1, 2, 3, EOS] * 4))
+    assert abs(loss.item() - torch.log(torch.tensor(float(NUM_OUTPUTS))).item()) < 0.1
+
+
+def test_later_tokens_cannot_change_earlier_logits(tiny_reader):
+    images = torch.rand(2, 1, 28, 84)
+    tokens = torch.tensor([[BOS, 3, 1, 4, 1], [BOS, 5, 9, 2, 6]])
+    changed = tokens.clone()
+    changed[:, 3:] = torch.tensor([[7, 7], [0, 0]])
+    a, b = tiny_reader(images, tokens), tiny_reader(images, changed)
+    assert torch.allclose(a[:, :3], b[:, :3], atol=1e-5)
+    assert not torch.allclose(a[:, 3:], b[:, 3:], atol=1e-5)
+
+
+def test_cached_step_logits_equal_full_recomputation(tiny_reader):
+    images = torch.rand(3, 1, 40, 60)
+    tokens = torch.tensor([[BOS, 1, 2, 3, 4], [BOS, 9, 8, 7, 6], [BOS, 0, 0, 5, 5]])
+    full = tiny_reader(images, tokens)
+    encoded = tiny_reader.encoder(images)
+    state = tiny_reader.decoder.start(encoded, tokens.shape[1])
+    for t in range(tokens.shape[1]):
+        step, _ = tiny_reader.decoder.step(tokens[:, t], state)
+        assert torch.allclose(step, full[:, t], atol=1e-5)
+
+
+def test_greedy_with_and_without_cache_agree_and_attention_is_a_distribution(tiny_reader):
+    images = torch.rand(5, 1, 32, 64)
+    cached = greedy_decode(tiny_reader, images, use_cache=True, return_attention=True)
+    uncached = greedy_decode(tiny_reader, images, use_cache=False, return_attention=True)
+    for a, b in zip(cached, uncached):
+        assert a.digits == b.digits
+        assert torch.allclose(torch.tensor(a.step_probs), torch.tensor(b.step_probs), atol=1e-5)
+        assert torch.allclose(a.attention, b.attention, atol=1e-5)
+        steps, layers, heads, gh, gw = a.attention.shape
+        assert (layers, heads) == (TINY.n_decoder_layers, TINY.n_heads) and (gh, gw) == a.grid
+        assert steps == len(a.digits) + (1 if len(a.digits) < TINY.max_digits else 0)
+        assert torch.allclose(a.attention.sum(dim=(-1, -2)), torch.ones(steps, layers, heads), atol=1e-5)
+
+
+def test_beam_width_one_equals_greedy(tiny_reader):
+    torch.manual_seed(1)
+    images = torch.rand(6, 1, 28, 70)
+    greedy = greedy_decode(tiny_reader, images)
+    beams = beam_search(tiny_reader, images, beam_size=1)
+    for g, b in zip(greedy, beams):
+        assert b[0].digits == g.digits
+        assert abs(b[0].probability - g.confidence) < 1e-4
+
+
+def test_beam_search_returns_sorted_distinct_hypotheses(tiny_reader):
+    images = torch.rand(2, 1, 28, 56)
+    for hyps in beam_search(tiny_reader, images, beam_size=4):
+        scores = [h.log_prob for h in hyps]
+        assert scores == sorted(scores, reverse=True)
+        assert len({tuple(h.digits) for h in hyps}) == len(hyps) == 4
+
+
+def test_padding_mask_makes_batching_invisible(tiny_reader):
+    torch.manual_seed(2)
+    small = torch.rand(1, 1, 28, 36)
+    big = torch.rand(1, 1, 56, 100)
+    batch = torch.zeros(2, 1, 56, 100)
+    mask = torch.zeros(2, 56, 100, dtype=torch.bool)
+    batch[0, :, :28, :36], mask[0, :28, :36] = small[0], True
+    batch[1], mask[1] = big[0], True
+    tokens = torch.tensor([[BOS, 1, 2]])
+    alone = tiny_reader(small, tokens)
+    together = tiny_reader(batch, tokens.repeat(2, 1), mask)
+    assert torch.allclose(alone[0], together[0], atol=1e-5)
+    # The padded zeros must not leak: the same image padded with noise gives the same output.
+    noisy = batch.clone()
+    noisy[0, :, 32:, :] = 1.0  # whole padding tokens (stride 8), beyond the stem's reach into real ones
+    noisy[0, :, :, 40:] = 1.0
+    assert torch.allclose(tiny_reader(noisy, tokens.repeat(2, 1), mask)[0], alone[0], atol=1e-5)
+
+
+def test_classifier_mode_and_oversized_input_error():
+    model = DigitClassifier(ModelConfig(kind="classifier", d_model=32, n_heads=2, n_encoder_layers=1, stem_channels=(8,), patch_size=4))
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    reader = DigitReader(TINY)
+    try:
+        reader.encoder(torch.rand(1, 1, 400, 40))
+    except ValueError as exc:
+        assert "preprocess" in str(exc)
+    else:
+        raise AssertionError("oversized input was accepted")

@@ -1,0 +1,109 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.preprocess import (
+    MARGIN, TARGET_DIGIT_HEIGHT, ImageReadError, NoInkError, load_image, preprocess_array, preprocess_image,
+)
+from train.synth import STYLES, SequenceSynth
+
+
+@pytest.fixture(scope="module")
+def strip(pools):
+    return SequenceSynth(pools["test"], STYLES["clean"], seed=7).sample("strip", 1, min_digits=5, max_digits=5)[0].image
+
+
+def _upscale(image: np.ndarray, factor: float) -> np.ndarray:
+    pil = Image.fromarray((image * 255).astype(np.uint8))
+    size = (round(pil.width * factor), round(pil.height * factor))
+    return np.asarray(pil.resize(size, Image.BILINEAR), dtype=np.float32) / 255.0
+
+
+def test_canonical_form_has_target_digit_height_and_margin(strip):
+    out = preprocess_array(strip)
+    ink_rows = np.flatnonzero((out.image > 0.3).any(1))
+    assert abs((ink_rows[-1] - ink_rows[0] + 1) - TARGET_DIGIT_HEIGHT) <= 4
+    assert np.all(out.image[:MARGIN - 1] == 0) and np.all(out.image[:, -(MARGIN - 1):] == 0)
+    assert not out.inverted and out.image.dtype == np.float32
+
+
+@pytest.mark.parametrize("factor", [0.6, 2.0, 4.5])
+def test_scale_is_normalised(strip, factor):
+    base = preprocess_array(strip).image.shape
+    scaled = preprocess_array(_upscale(strip, factor)).image.shape
+    assert abs(scaled[0] - base[0]) <= 4 and abs(scaled[1] - base[1]) <= 8
+
+
+def test_dark_ink_on_light_paper_is_inverted_to_the_same_input(strip):
+    normal, inverted = preprocess_array(strip), preprocess_array(1.0 - strip)
+    assert inverted.inverted and not normal.inverted
+    assert normal.image.shape == inverted.image.shape
+    assert np.abs(normal.image - inverted.image).mean() < 0.02
+
+
+def test_uneven_lighting_is_removed(strip):
+    paper = _upscale(1.0 - strip, 3.0)
+    h, w = paper.shape
+    light = np.linspace(0.45, 1.0, w, dtype=np.float32)[None, :] * np.linspace(0.8, 1.0, h, dtype=np.float32)[:, None]
+    lit = paper * light
+    clean = preprocess_array(paper).image
+    shaded = preprocess_array(lit).image
+    assert shaded.shape == clean.shape
+    assert np.abs(shaded - clean).mean() < 0.05
+
+
+def test_blank_and_speckled_images_have_no_ink():
+    with pytest.raises(NoInkError):
+        preprocess_array(np.ones((200, 300), dtype=np.float32))
+    speckled = np.zeros((100, 100), dtype=np.float32)
+    speckled[np.random.default_rng(0).integers(0, 100, 30), np.random.default_rng(1).integers(0, 100, 30)] = 1.0
+    with pytest.raises(NoInkError):
+        preprocess_array(speckled)
+
+
+def test_huge_images_are_fitted_to_the_model_canvas():
+    wide = np.zeros((60, 4000), dtype=np.float32)
+    wide[10:50, ::25] = 1.0  # a very long line of tall strokes
+    out = preprocess_array(wide)
+    assert out.fitted and out.image.shape[0] <= 128 and out.image.shape[1] <= 384
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"])
+def test_common_formats_load(strip, fmt):
+    pil = Image.fromarray(((1.0 - strip) * 255).astype(np.uint8)).convert("RGB")
+    out = preprocess_image(load_image(_encode(pil, fmt)))
+    assert out.inverted and out.image.shape[0] >= 20
+
+
+def test_exif_orientation_is_honoured(strip):
+    pil = Image.fromarray((strip * 255).astype(np.uint8))
+    rotated = pil.rotate(90, expand=True)  # stored sideways ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... with a tag saying "rotate 90 degrees clockwise to display"
+    loaded = load_image(_encode(rotated, "JPEG", exif=exif.tobytes()))
+    assert loaded.size == pil.size
+
+
+def test_transparent_canvas_strokes_are_read():
+    rgba = np.zeros((80, 120, 4), dtype=np.uint8)
+    rgba[20:60, 30:36] = (0, 0, 0, 255)  # black strokes on a fully transparent canvas
+    out = preprocess_image(Image.fromarray(rgba, "RGBA"))
+    assert out.image.max() > 0.9 and out.inverted
+
+
+def test_corrupt_and_oversized_files_give_clear_errors():
+    with pytest.raises(ImageReadError, match="cannot read"):
+        load_image(b"this is not an image")
+    with pytest.raises(ImageReadError, match="cannot read"):
+        load_image(_encode(Image.new("L", (50, 50)), "PNG")[:40])
+    big = Image.new("1", (8000, 6000))
+    with pytest.raises(ImageReadError, match="limit"):
+        load_image(_encode(big, "PNG"))

@@ -1,0 +1,44 @@
+"""`python -m train`: train a model from a preset, with overrides, or resume a run.
+
+Examples:
+  python -m train --preset default --out runs/default
+  python -m train --preset plain-vit --set steps=2000 --set model.d_model=128
+  python -m train --out runs/default --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from model.network import ModelConfig
+from train.data import DATA_ROOT_ENV, DatasetMissingError
+from train.loop import PRESETS, TrainConfig, apply_overrides, train
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. steps=5000 or model.d_model=192 (repeatable)")
+    parser.add_argument("--out", default=None, help="run folder (default runs/PRESET)")
+    parser.add_argument("--data-root", default=None, help=f"MNIST root (default ${DATA_ROOT_ENV} or ./data)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    args = parser.parse_args(argv)
+    out = Path(args.out or f"runs/{args.preset}")
+    if args.resume:
+        saved = json.loads((out / "config.json").read_text())
+        model = ModelConfig.from_dict(saved.pop("model"))
+        cfg = TrainConfig(model=model, **saved)
+    else:
+        cfg = PRESETS[args.preset]
+    cfg = apply_overrides(cfg, args.overrides)
+    try:
+        train(cfg, out, data_root=args.data_root, resume=args.resume)
+    except DatasetMissingError as exc:
+        raise SystemExit(str(exc)) from exc
+
+
+if __name__ == "__main__":
+    main()

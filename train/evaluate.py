@@ -1,0 +1,280 @@
+"""`python -m train.evaluate`: score a checkpoint on named suites built from MNIST test digits.
+
+Every suite is generated from the MNIST *test* split with a fixed seed, run
+through the same preprocessing as user images, and decoded autoregressively
+(no teacher forcing). Printed: a markdown table. Written: JSON with every
+number, PNG plots (accuracy against sequence length, digit confusion matrix)
+and a gallery of errors.
+
+  python -m train.evaluate --checkpoint checkpoints/digit-reader.safetensors --suites all --n 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from model.decoding import beam_search, greedy_decode
+from model.network import DigitClassifier
+from model.preprocess import batch_images
+from train.batches import canonical_images
+from train.data import DATA_ROOT_ENV, load_pools
+from train.synth import STYLES, Sample, SequenceSynth
+
+
+@dataclass(frozen=True)
+class Suite:
+    layout: str
+    style: str
+    options: dict = field(default_factory=dict)
+    description: str = ""
+
+
+SUITES: dict[str, Suite] = {
+    "single": Suite("single", "clean", {}, "one MNIST digit, 28x28"),
+    "grid2x2": Suite("grid2x2", "clean", {}, "four digits in a 2x2 grid, 56x56"),
+    "strip": Suite("strip", "clean", {"min_digits": 1, "max_digits": 10}, "a line of 1-10 digits, random spacing"),
+    "multiline": Suite("multiline", "clean", {"max_lines": 3, "max_per_line": 5}, "2-3 lines of 1-5 digits"),
+    "scatter": Suite("scatter", "clean", {"scatter_digits": 2, "canvas": 100}, "two digits anywhere on 100x100"),
+    "single-hard": Suite("single", "hard", {}, "single, strong augmentation"),
+    "grid2x2-hard": Suite("grid2x2", "hard", {}, "grid2x2, strong augmentation"),
+    "strip-hard": Suite("strip", "hard", {"min_digits": 1, "max_digits": 10}, "strip, strong augmentation"),
+    "multiline-hard": Suite("multiline", "hard", {"max_lines": 3, "max_per_line": 5}, "multiline, strong augmentation"),
+    "scatter-hard": Suite("scatter", "hard", {"scatter_digits": 2, "canvas": 100}, "scatter, strong augmentation"),
+    "drawn": Suite("strip", "drawn", {"min_digits": 3, "max_digits": 8}, "3-8 digits re-drawn as round-brush strokes, 3-6x scale"),
+    "photo": Suite("strip", "photo", {"min_digits": 3, "max_digits": 8}, "3-8 digits, dark ink on lit paper, blur, JPEG, 2-4x"),
+}
+CORE_SUITES = ["single", "grid2x2", "strip", "multiline", "scatter"]
+
+
+def suite_samples(name: str, pool, n: int, seed: int = 0, chunk: int = 256) -> list[Sample]:
+    """The suite's n samples: the same images for the same (name, n, seed)."""
+    suite = SUITES[name]
+    synth = SequenceSynth(pool, STYLES[suite.style], seed=seed * 1000 + sorted(SUITES).index(name))
+    samples: list[Sample] = []
+    while len(samples) < n:
+        samples += synth.sample(suite.layout, min(chunk, n - len(samples)), **suite.options)
+    return samples
+
+
+def edit_distance(a: list[int], b: list[int]) -> int:
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+@torch.no_grad()
+def predict(model, images: list[np.ndarray], batch_size: int = 128, beam: int = 0) -> tuple[list[list[int]], list[list[int]] | None, float]:
+    """Greedy (and beam) predictions for canonical images; returns (greedy, beam or None, greedy seconds)."""
+    order = sorted(range(len(images)), key=lambda i: images[i].shape)
+    greedy: list = [None] * len(images)
+    beamed: list | None = [None] * len(images) if beam > 1 else None
+    seconds = 0.0
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch, mask = batch_images([images[i] for i in chunk])
+        began = time.perf_counter()
+        if isinstance(model, DigitClassifier):
+            outputs = [[int(p)] for p in model(batch, mask).argmax(-1).tolist()]
+        else:
+            outputs = [r.digits for r in greedy_decode(model, batch, mask)]
+        seconds += time.perf_counter() - began
+        for i, out in zip(chunk, outputs):
+            greedy[i] = out
+        if beamed is not None:
+            for i, hyps in zip(chunk, beam_search(model, batch, mask, beam_size=beam)):
+                beamed[i] = hyps[0].digits if hyps else []
+    return greedy, beamed, seconds
+
+
+def score(truth: list[list[int]], predicted: list[list[int]]) -> dict:
+    edits = sum(edit_distance(t, p) for t, p in zip(truth, predicted))
+    total = sum(len(t) for t in truth)
+    return {
+        "exact_match": float(np.mean([t == p for t, p in zip(truth, predicted)])),
+        "digit_accuracy": 1.0 - edits / total,
+        "length_accuracy": float(np.mean([len(t) == len(p) for t, p in zip(truth, predicted)])),
+    }
+
+
+def by_length(truth: list[list[int]], predicted: list[list[int]]) -> dict[int, dict]:
+    lengths = sorted({len(t) for t in truth})
+    out = {}
+    for n in lengths:
+        pairs = [(t, p) for t, p in zip(truth, predicted) if len(t) == n]
+        out[n] = {"n": len(pairs), "exact_match": float(np.mean([t == p for t, p in pairs]))}
+    return out
+
+
+def confusion(truth: list[list[int]], predicted: list[list[int]]) -> np.ndarray:
+    """10x10 counts over digits of predictions with the right length (position-aligned)."""
+    matrix = np.zeros((10, 10), dtype=np.int64)
+    for t, p in zip(truth, predicted):
+        if len(t) == len(p):
+            for a, b in zip(t, p):
+                matrix[a, b] += 1
+    return matrix
+
+
+def evaluate_suites(model, pools, names: list[str], n: int, seed: int, beam: int, batch_size: int) -> dict:
+    results = {}
+    for name in names:
+        samples = suite_samples(name, pools["test"], n, seed)
+        images = canonical_images(samples)
+        truth = [s.digits for s in samples]
+        greedy, beamed, seconds = predict(model, images, batch_size, beam)
+        entry = {"suite": name, "n": len(samples), **score(truth, greedy), "images_per_s": len(samples) / seconds}
+        if beamed is not None:
+            entry["beam_exact_match"] = score(truth, beamed)["exact_match"]
+        entry["by_length"] = by_length(truth, greedy)
+        entry["errors"] = [
+            {"index": i, "truth": t, "predicted": p} for i, (t, p) in enumerate(zip(truth, greedy)) if t != p
+        ]
+        entry["confusion"] = confusion(truth, greedy).tolist()
+        results[name] = entry
+        print(f"  {name}: exact {entry['exact_match']:.4f}  digits {entry['digit_accuracy']:.4f}  ({entry['images_per_s']:.0f} img/s)", flush=True)
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    has_beam = any("beam_exact_match" in r for r in results.values())
+    header = "| suite | n | exact-match (greedy) |" + (" exact-match (beam) |" if has_beam else "") + " per-digit accuracy | length accuracy | images/s |"
+    rule = "|---|---:|---:|" + ("---:|" if has_beam else "") + "---:|---:|---:|"
+    rows = [header, rule]
+    for name, r in results.items():
+        beam = f" {100 * r['beam_exact_match']:.2f}% |" if has_beam else ""
+        rows.append(
+            f"| {name} | {r['n']} | {100 * r['exact_match']:.2f}% |{beam} {100 * r['digit_accuracy']:.2f}% | "
+            f"{100 * r['length_accuracy']:.2f}% | {r['images_per_s']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def save_plots(results: dict, out_dir: Path, pools, n: int, seed: int) -> list[Path]:
+    """Accuracy against length (strip suites), the confusion matrix, and an error gallery."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    strips = {k: v for k, v in results.items() if SUITES[k].layout == "strip"}
+    if strips:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, r in strips.items():
+            lengths = sorted(int(k) for k in r["by_length"])
+            ax.plot(lengths, [100 * r["by_length"][k]["exact_match"] for k in lengths], marker="o", label=name)
+            p = r["digit_accuracy"]
+            ax.plot(lengths, [100 * p**k for k in lengths], linestyle=":", color=ax.lines[-1].get_color(), label=f"{name}: p^L")
+        ax.set_xlabel("digits in the image (L)")
+        ax.set_ylabel("exact-match %")
+        ax.set_title("Exact-match against sequence length")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / "accuracy_by_length.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    matrix = sum(np.array(r["confusion"]) for r in results.values())
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    off_diagonal = matrix - np.diag(np.diag(matrix))
+    im = ax.imshow(off_diagonal, cmap="Reds")
+    ax.set_xticks(range(10))
+    ax.set_yticks(range(10))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Digit confusions (diagonal omitted)")
+    for a in range(10):
+        for b in range(10):
+            if off_diagonal[a, b]:
+                ax.text(b, a, str(off_diagonal[a, b]), ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path = out_dir / "confusion.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+    written.append(error_gallery(results, out_dir / "errors.png", pools, n, seed))
+    return written
+
+
+def error_gallery(results: dict, path: Path, pools, n: int, seed: int, per_suite: int = 6) -> Path:
+    """A grid of misread images (as the model saw them) with the true and predicted digits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picked: list[tuple[str, np.ndarray, list[int], list[int]]] = []
+    for name, r in results.items():
+        if not r["errors"]:
+            continue
+        samples = suite_samples(name, pools["test"], n, seed)
+        for err in r["errors"][:per_suite]:
+            image = canonical_images([samples[err["index"]]])[0]
+            picked.append((name, image, err["truth"], err["predicted"]))
+    cols = 4
+    rows = max(1, -(-len(picked) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3, rows * 1.9), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, image, truth, predicted) in zip(axes.flat, picked):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"{name}\ntrue {''.join(map(str, truth))}\nread {''.join(map(str, predicted)) or '(nothing)'}", fontsize=7)
+    if not picked:
+        axes[0, 0].text(0.5, 0.5, "no errors", ha="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--suites", default="core", help=f"comma-separated names, 'core' ({','.join(CORE_SUITES)}) or 'all' ({','.join(SUITES)})")
+    parser.add_argument("--n", type=int, default=2000, help="images per suite")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--beam", type=int, default=0, help="also score beam search of this width")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--data-root", default=None, help=f"MNIST root (default ${DATA_ROOT_ENV} or ./data)")
+    parser.add_argument("--out", default="out/eval", help="folder for results.json and plots")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    names = CORE_SUITES if args.suites == "core" else list(SUITES) if args.suites == "all" else args.suites.split(",")
+    unknown = [s for s in names if s not in SUITES]
+    if unknown:
+        raise SystemExit(f"unknown suites {unknown}; choose from {', '.join(SUITES)}")
+    model, meta = load_checkpoint(args.checkpoint)
+    if isinstance(model, DigitClassifier):
+        names = [s for s in names if SUITES[s].layout == "single"]
+    pools = load_pools(args.data_root)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"evaluating {args.checkpoint} on {', '.join(names)} ({args.n} images each, seed {args.seed})", flush=True)
+    results = evaluate_suites(model, pools, names, args.n, args.seed, args.beam, args.batch_size)
+    table = markdown_table(results)
+    print(table)
+    report = {"checkpoint": str(args.checkpoint), "n": args.n, "seed": args.seed, "beam": args.beam,
+              "torch_threads": torch.get_num_threads(), "suites": results, "table": table}
+    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    if not args.no_plots:
+        for path in save_plots(results, out, pools, args.n, args.seed):
+            print(f"wrote {path}")
+    print(f"wrote {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
