@@ -4,6 +4,7 @@ Examples:
   python -m train --preset default --out runs/default
   python -m train --preset plain-vit --set steps=2000 --set model.d_model=128
   python -m train --out runs/default --resume
+  torchrun --nproc_per_node=4 -m train --preset default --out runs/ddp   (see docs/TRAINING_AT_SCALE.md)
 """
 
 from __future__ import annotations

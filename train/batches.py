@@ -91,8 +91,19 @@ class Mixture:
 WARMUP_MIXTURE = Mixture({"single": 0.3, "grid2x2": 0.3, "strip": 0.4}, clean_share=0.6, max_digits=4)
 
 
-def training_batch(pool: DigitPool, mixture: Mixture, batch_size: int, seed: int, step: int, easy_steps: int = 0) -> Batch:
-    """Batch number `step` of the stream a run with this seed sees (from WARMUP_MIXTURE before easy_steps)."""
+def training_batch(
+    pool: DigitPool, mixture: Mixture, batch_size: int, seed: int, step: int, easy_steps: int = 0,
+    rank: int = 0, world_size: int = 1,
+) -> Batch:
+    """Rank `rank`'s share of batch number `step` of the stream a run with this seed sees.
+
+    batch_size is the global batch; each of world_size ranks makes batch_size / world_size
+    samples. The layout, style and strip length of a step are drawn from (seed, step)
+    alone, so every rank trains on the same kind of sample and takes about as long
+    as the others; the digits and augmentations come from a generator of the rank's
+    own. With one process the stream is the single-process stream, sample for sample.
+    WARMUP_MIXTURE replaces the mixture before easy_steps.
+    """
     rng = np.random.default_rng([seed, step])
     if step < easy_steps:
         mixture = WARMUP_MIXTURE
@@ -100,22 +111,32 @@ def training_batch(pool: DigitPool, mixture: Mixture, batch_size: int, seed: int
     weights = np.array([mixture.layouts[n] for n in names], dtype=np.float64)
     layout = names[int(rng.choice(len(names), p=weights / weights.sum()))]
     style = STYLES["clean"] if rng.random() < mixture.clean_share else STYLES["train"]
-    synth = SequenceSynth(pool, style, seed=int(rng.integers(2**62)))
-    return collate(synth.sample(layout, batch_size, **mixture.batch_options(layout, rng)))
+    synth_seed = int(rng.integers(2**62, size=world_size)[rank])  # element 0 is the one-process seed
+    synth = SequenceSynth(pool, style, seed=synth_seed)
+    return collate(synth.sample(layout, batch_size // world_size, **mixture.batch_options(layout, rng)))
 
 
 class TrainingStream(torch.utils.data.IterableDataset):
-    """Batches start_step, start_step+1, ... of a run, for a DataLoader worker to make ahead of time."""
+    """Rank `rank`'s shares of batches start_step, start_step+1, ... of a run, for a DataLoader worker to make ahead."""
 
     def __init__(
-        self, pool: DigitPool, mixture: Mixture, batch_size: int, seed: int, start_step: int, end_step: int, easy_steps: int = 0
+        self, pool: DigitPool, mixture: Mixture, batch_size: int, seed: int, start_step: int, end_step: int, easy_steps: int = 0,
+        rank: int = 0, world_size: int = 1,
     ):
         super().__init__()
+        if batch_size % world_size:
+            raise ValueError(
+                f"the global batch_size {batch_size} does not split evenly over {world_size} processes; "
+                f"choose a multiple of {world_size} (--set batch_size=...) or another process count"
+            )
         self.pool, self.mixture, self.batch_size = pool, mixture, batch_size
         self.seed, self.start_step, self.end_step, self.easy_steps = seed, start_step, end_step, easy_steps
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self):
         if torch.utils.data.get_worker_info() is not None:
             torch.set_num_threads(1)  # a worker shares the cores with the training step
         for step in range(self.start_step, self.end_step):
-            yield training_batch(self.pool, self.mixture, self.batch_size, self.seed, step, self.easy_steps)
+            yield training_batch(
+                self.pool, self.mixture, self.batch_size, self.seed, step, self.easy_steps, self.rank, self.world_size
+            )

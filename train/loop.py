@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from tqdm import tqdm
 from model.checkpoint import CheckpointError, load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from model.decoding import greedy_decode
 from model.network import DigitClassifier, DigitReader, ModelConfig, build_model, count_parameters
+from train import distributed
 from train.batches import IGNORE, Batch, Mixture, TrainingStream, collate
 from train.data import DigitPool, load_pools
+from train.distributed import Placement
 from train.synth import STYLES, SequenceSynth
 
 
@@ -31,11 +34,11 @@ class TrainConfig:
     )
     clean_share: float = 0.2  # batches without augmentation
     easy_steps: int = 300  # first steps on short, mostly clean sequences (train.batches.WARMUP_MIXTURE)
-    batch_size: int = 64
-    steps: int = 3000
+    batch_size: int = 32  # small batches: on 2 CPU cores samples are the budget, so more updates per sample
+    steps: int = 8000
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
-    warmup_steps: int = 200
+    warmup_steps: int = 300
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
@@ -69,7 +72,8 @@ PRESETS: dict[str, TrainConfig] = {
     "plain-vit": TrainConfig(
         model=ModelConfig(stem_channels=(), patch_size=7, d_model=96, n_heads=4, n_encoder_layers=4, n_decoder_layers=2),
     ),
-    # The shipped checkpoint: conv stem, width 128.
+    # The shipped checkpoint: conv stem, width 128; start it from a trained classifier's encoder
+    # (--set init_encoder=runs/classifier/best.safetensors), see the README.
     "default": TrainConfig(),
     # The single-digit experiment: the same encoder with a class head.
     "classifier": TrainConfig(
@@ -98,6 +102,15 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def mixed_precision(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA, with TF32 for the matmuls left in fp32; plain fp32 elsewhere."""
+    if device.type != "cuda":
+        return torch.autocast("cpu", enabled=False)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only: norms, biases and embeddings' scale are left alone."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -108,7 +121,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 def loss_on(model: torch.nn.Module, batch: Batch, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
     images, mask = batch.images.to(device), batch.pixel_mask.to(device)
-    if isinstance(model, DigitClassifier):
+    if isinstance(distributed.unwrap(model), DigitClassifier):
         labels = torch.tensor([d[0] for d in batch.digits], device=device)
         return F.cross_entropy(model(images, mask), labels, label_smoothing=cfg.label_smoothing)
     logits = model(images, batch.tokens.to(device), mask)
@@ -116,6 +129,36 @@ def loss_on(model: torch.nn.Module, batch: Batch, cfg: TrainConfig, device: torc
         logits.flatten(0, 1).float(), batch.targets.to(device).flatten(), ignore_index=IGNORE,
         label_smoothing=cfg.label_smoothing,
     )
+
+
+def training_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, cfg: TrainConfig, lr: float,
+    place: Placement, autocast: torch.autocast,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on this process's share of the global batch; returns (loss, gradient norm).
+
+    The loss minimised is the mean over all target tokens of the global batch
+    (over samples for the classifier). DDP averages gradients over ranks, but
+    ranks hold different numbers of tokens, so each rank scales its own mean loss
+    by world_size * its tokens / all tokens: the average of the scaled losses is
+    then the global mean, the loss one process with the whole batch would take.
+    The returned loss is that global mean on every rank.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast:
+        loss = loss_on(model, batch, cfg, place.device)
+    if place.distributed:
+        classifier = isinstance(distributed.unwrap(model), DigitClassifier)
+        terms = torch.tensor(float(len(batch.digits) if classifier else (batch.targets != IGNORE).sum()), device=place.device)
+        loss = loss * (place.world_size * terms / distributed.all_ranks_sum(terms))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    if place.distributed:
+        loss = distributed.all_ranks_sum(loss) / place.world_size
+    return loss, grad_norm
 
 
 def validation_batches(pool: DigitPool, cfg: TrainConfig) -> list[Batch]:
@@ -185,12 +228,32 @@ class MetricLog:
             self.wandb.finish()
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, data_root: str | None = None, resume: bool = False) -> dict:
-    """Run (or resume) training; writes OUT/last.*, OUT/best.* and OUT/metrics.jsonl. Returns final metrics."""
-    out = Path(out_dir)
+def train(
+    cfg: TrainConfig, out_dir: str | Path, data_root: str | None = None, resume: bool = False,
+    on_validation: Callable[[int, dict[str, float]], bool] | None = None,
+) -> dict:
+    """Run (or resume) training; writes OUT/last.*, OUT/best.* and OUT/metrics.jsonl. Returns final metrics.
+
+    Under torchrun every process calls this: each trains on its share of the
+    global batch (cfg.batch_size), rank 0 alone logs, validates and writes, and
+    returns the metrics (the other ranks return {}). A run resumes with any
+    number of processes. `on_validation(step, scores)` is called after each
+    validation of a single-process run; returning False ends the run there
+    (train.sweep prunes and time-boxes trials this way).
+    """
+    with distributed.session(pick_device(cfg.device)) as place:
+        if on_validation is not None and place.distributed:
+            raise ValueError("on_validation can end a run only in a single process: under torchrun rank 0 alone validates")
+        return _train(cfg, Path(out_dir), place, data_root, resume, on_validation)
+
+
+def _train(
+    cfg: TrainConfig, out: Path, place: Placement, data_root: str | None, resume: bool,
+    on_validation: Callable[[int, dict[str, float]], bool] | None,
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    device = place.device
     pools = load_pools(data_root)
     model: DigitReader | DigitClassifier = build_model(cfg.model).to(device)
     if cfg.init_encoder and not resume:
@@ -199,7 +262,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, data_root: str | None = None, r
             model.encoder.load_state_dict(source.encoder.state_dict())
         except RuntimeError as exc:
             raise CheckpointError(f"{cfg.init_encoder}: its encoder does not fit this run's model config ({exc})") from exc
-        print(f"encoder initialised from {cfg.init_encoder}")
+        if place.is_main:
+            print(f"encoder initialised from {cfg.init_encoder}")
     optimizer = make_optimizer(model, cfg)
     start_step, best, elapsed_before, samples_before = 0, -1.0, 0.0, 0
     if resume:
@@ -211,19 +275,23 @@ def train(cfg: TrainConfig, out_dir: str | Path, data_root: str | None = None, r
         elapsed_before, samples_before = extra["elapsed_s"], extra["samples"]
         if extra["config"] != cfg.to_dict():
             raise CheckpointError(f"cannot resume {out}: its training config differs from the one given now")
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    step_model = torch.compile(model) if cfg.compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if place.is_main:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    step_model = distributed.wrap(model, place)
+    step_model = torch.compile(step_model) if cfg.compile else step_model
+    autocast = mixed_precision(device)
     val = validation_batches(pools["val"], cfg)
-    log = MetricLog(out, cfg, resume)
-    stream = TrainingStream(pools["train"], cfg.mixture(), cfg.batch_size, cfg.seed, start_step, cfg.steps, cfg.easy_steps)
+    log = MetricLog(out, cfg, resume) if place.is_main else None
+    stream = TrainingStream(
+        pools["train"], cfg.mixture(), cfg.batch_size, cfg.seed, start_step, cfg.steps, cfg.easy_steps,
+        place.rank, place.world_size,
+    )
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.loader_workers, prefetch_factor=4 if cfg.loader_workers else None
     )
-    print(f"model: {count_parameters(model):,} parameters, device {device}, steps {start_step}->{cfg.steps}")
+    if place.is_main:
+        processes = f", {place.world_size} processes of {cfg.batch_size // place.world_size} samples" if place.distributed else ""
+        print(f"model: {count_parameters(model):,} parameters, device {device}, steps {start_step}->{cfg.steps}{processes}")
     model.train()
     samples, started = samples_before, time.time()
     metrics: dict = {}
@@ -238,19 +306,15 @@ def train(cfg: TrainConfig, out_dir: str | Path, data_root: str | None = None, r
         save_checkpoint(out / "last", model, training, {"val_exact_match": scores} if scores else {})
         save_training_state(out / "last", optimizer, {**info, "best": best, "config": cfg.to_dict()})
 
-    bar = tqdm(total=cfg.steps, initial=start_step, dynamic_ncols=True, mininterval=2.0)
+    bar = tqdm(total=cfg.steps, initial=start_step, dynamic_ncols=True, mininterval=2.0, disable=not place.is_main)
     window_start, window_samples = time.time(), 0
     for step, batch in enumerate(loader, start=start_step):
         lr = learning_rate(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast:
-            loss = loss_on(step_model, batch, cfg, device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        samples += len(batch.digits)
-        window_samples += len(batch.digits)
+        loss, grad_norm = training_step(step_model, optimizer, batch, cfg, lr, place, autocast)
+        if not place.is_main:
+            continue  # rank 0 alone logs, validates and writes checkpoints
+        samples += len(batch.digits) * place.world_size
+        window_samples += len(batch.digits) * place.world_size
         done = step + 1
         rate = window_samples / max(1e-9, time.time() - window_start)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}", refresh=False)
@@ -259,7 +323,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, data_root: str | None = None, r
             log.write(done, {"loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": rate,
                              "samples": samples, "elapsed_s": elapsed_before + time.time() - started})
             window_start, window_samples = time.time(), 0
-        optimizer.step()
         scores = None
         if done % cfg.eval_every == 0 or done == cfg.steps:
             scores = validate(model, val, device)
@@ -268,8 +331,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, data_root: str | None = None, r
             metrics = scores
         if scores is not None or done % cfg.save_every == 0:
             snapshot(done, scores)
+        if scores is not None and on_validation is not None and not on_validation(done, scores):
+            break
     bar.close()
-    log.close()
+    if log is not None:
+        log.close()
     return metrics
 
 

@@ -376,7 +376,7 @@ class SequenceSynth:
         else:
             factor = 1.0
         if self._chance(style.contrast_prob):
-            x = x * rng.uniform(0.35, 1.0) + rng.uniform(0.0, 0.25)
+            x = x * rng.uniform(0.5, 1.0) + rng.uniform(0.0, 0.25)
         if self._chance(style.paper_prob):
             x = self._on_paper(x, factor)
         elif self._chance(style.invert_prob):
@@ -384,7 +384,7 @@ class SequenceSynth:
         if self._chance(style.blur_prob):
             x = _gaussian_blur(x, rng.uniform(0.4, 1.2) * max(1.0, factor))
         if self._chance(style.noise_prob):
-            x = x + torch.from_numpy(rng.normal(0, rng.uniform(0.03, 0.15), size=x.shape).astype(np.float32))
+            x = x + torch.from_numpy(rng.normal(0, rng.uniform(0.02, 0.12), size=x.shape).astype(np.float32))
         x = x.clamp(0, 1)
         if self._chance(style.jpeg_prob):
             buffer = io.BytesIO()

@@ -1,0 +1,288 @@
+"""Streamlit app: draw, upload or photograph a sequence of digits and watch the model read it.
+
+Run it with `streamlit run app.py` (or `make app`). Checkpoints come from the
+folder in $DIGIT_READER_CHECKPOINTS (default: checkpoints/); the example button
+composes MNIST test digits from $DIGIT_READER_DATA, or shows the PNGs shipped
+in examples/ when MNIST is not there.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import streamlit as st
+import torch
+from PIL import Image
+from streamlit.runtime.uploaded_file_manager import UploadedFile
+from streamlit_drawable_canvas import st_canvas
+
+from app_support.checkpoints import CHECKPOINTS_ENV, checkpoint_folder, reader_checkpoints
+from app_support.examples import LAYOUT_CHOICES, STYLE_CHOICES, Example, shipped_example, synthesize_example
+from app_support.inputs import UPLOAD_TYPES, canvas_image, image_digest
+from app_support.visuals import (
+    alternatives_table,
+    attention_overlay,
+    confidence_chart,
+    display_copy,
+    gray_to_image,
+    overlay_zoom,
+    overlays_per_row,
+    select_attention,
+    step_labels,
+)
+from model.checkpoint import CheckpointError
+from model.pipeline import ReadResult, SequenceReader
+from model.preprocess import MAX_HEIGHT, MAX_WIDTH, ImageReadError, NoInkError, load_image
+from train.data import DatasetMissingError, DigitPool, load_pools
+
+BEAM_WIDTH = 4
+SOURCES = ("Draw", "Upload", "Camera", "Example")
+CANVAS_WIDTH, CANVAS_HEIGHT = 900, 260
+DEFAULT_BRUSH = 16  # px: digits drawn 100-150 px tall then look like a marker
+READING_STYLE = (
+    "font-size: 4.5rem; font-weight: 600; font-family: ui-monospace, monospace; "
+    "letter-spacing: 0.12em; line-height: 1.1; word-break: break-all"
+)
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the model...")
+def load_reader(path: str, modified_ns: int) -> SequenceReader:
+    """The reader of a checkpoint file, loaded once per process and file version (modified_ns keys the cache)."""
+    # One small image per request: extra intra-op threads cost more in synchronisation than they save,
+    # and with other work on the CPU they made greedy decoding 30x slower (450 ms against 15 ms).
+    torch.set_num_threads(1)
+    return SequenceReader(path)
+
+
+@st.cache_resource(show_spinner="Loading MNIST test digits...")
+def load_test_pool() -> tuple[DigitPool | None, str]:
+    """MNIST's test digits, or None and the reason when MNIST is not on this machine."""
+    try:
+        return load_pools()["test"], ""
+    except DatasetMissingError as exc:
+        return None, str(exc)
+
+
+def choose_reader() -> SequenceReader:
+    """The checkpoint picked in the sidebar (a selector only when the folder holds several readers)."""
+    folder = checkpoint_folder()
+    paths, problems = reader_checkpoints(folder)
+    for problem in problems:
+        st.sidebar.warning(problem)
+    if not paths:
+        st.error(
+            f"No reader checkpoint in {folder}. Train one with `make train` (or `python -m train --preset default`) "
+            f"and copy NAME.safetensors with its NAME.json there, or point ${CHECKPOINTS_ENV} at a folder holding them."
+        )
+        st.stop()
+    path = st.sidebar.selectbox("Checkpoint", paths, format_func=lambda p: p.stem) if len(paths) > 1 else paths[0]
+    try:
+        reader = load_reader(str(path), path.stat().st_mtime_ns)
+    except CheckpointError as exc:
+        st.error(str(exc))
+        st.stop()
+    training, metrics = reader.meta.get("training", {}), reader.meta.get("metrics", {})
+    exact = metrics.get("val_exact_match", {}).get("mean")
+    st.sidebar.caption(
+        f"Model: {path.name}, {training.get('step', '?')} training steps"
+        + (f", {exact:.0%} of validation sequences read exactly." if exact is not None else ".")
+    )
+    return reader
+
+
+def draw_input() -> Image.Image | None:
+    """The canvas, its brush and clear controls; the drawing, or None (and a hint) while it is empty."""
+    state = st.session_state
+    state.setdefault("canvas_version", 0)
+    brush_column, clear_column, _ = st.columns([2, 1, 3], vertical_alignment="bottom")
+    brush = brush_column.slider("Brush width", min_value=4, max_value=40, value=DEFAULT_BRUSH, step=1)
+    if clear_column.button("Clear canvas"):
+        state.canvas_version += 1  # a new key mounts a fresh, empty canvas
+        state.canvas_start = None
+    if brush != state.get("canvas_brush", brush):
+        # The canvas starts over from its initial drawing whenever a setting changes:
+        # hand it the strokes so far, so that a new brush width does not wipe them.
+        state.canvas_start = state.get("canvas_drawing")
+    state.canvas_brush = brush
+    drawing = st_canvas(
+        stroke_width=brush,
+        stroke_color="#FFFFFF",
+        background_color="#000000",
+        width=CANVAS_WIDTH,
+        height=CANVAS_HEIGHT,
+        initial_drawing=state.get("canvas_start"),
+        return_image_data=True,
+        key=f"canvas-{state.canvas_version}",
+    )
+    state.canvas_drawing = drawing.json_data
+    st.caption(
+        "Write a few digits side by side or in lines. Undo, redo and clear are also in the toolbar "
+        "that appears above the canvas's top right corner while the pointer is over the canvas."
+    )
+    image = canvas_image(drawing.json_data, drawing.image_data)
+    if image is None:
+        st.info("Draw digits on the canvas: the reading appears each time you lift the pen.")
+    return image
+
+
+def file_input(upload: UploadedFile | None, hint: str) -> Image.Image | None:
+    """The uploaded or photographed image; None with the hint when there is none, or an error when unreadable."""
+    if upload is None:
+        st.info(hint)
+        return None
+    try:
+        return load_image(upload.getvalue())
+    except ImageReadError as exc:
+        st.error(f"{upload.name}: {exc}")
+        return None
+
+
+def example_input() -> Example | None:
+    """Layout and style choices and the button for a new random example; the current example, if any."""
+    layout_column, style_column, button_column = st.columns([1, 1, 2], vertical_alignment="bottom")
+    layout = layout_column.selectbox("Layout", LAYOUT_CHOICES)
+    style = style_column.selectbox("Style", STYLE_CHOICES)
+    if button_column.button("Show a random example", type="primary"):
+        seed = secrets.randbelow(2**31)
+        pool, missing = load_test_pool()
+        if pool is None:
+            st.warning(f"{missing}\n\nShowing one of the images shipped in examples/ instead.")
+            try:
+                st.session_state.example = shipped_example(seed)
+            except (FileNotFoundError, ImageReadError) as exc:
+                st.error(str(exc))
+        else:
+            st.session_state.example = synthesize_example(pool, layout, style, seed)
+    example = st.session_state.get("example")
+    if example is None:
+        st.info("Press the button for a random sequence of MNIST test digits, which the model never trained on.")
+    else:
+        st.caption(example.description)
+    return example
+
+
+def read_once(reader: SequenceReader, image: Image.Image) -> tuple[ReadResult, float]:
+    """The reading of an image and the seconds it took; reruns for the same image and model reuse it."""
+    digest = image_digest(image)
+    memo = st.session_state.get("last_reading")
+    if memo is None or memo[0] is not reader or memo[1] != digest:
+        started = time.perf_counter()
+        result = reader.read([image], beam=BEAM_WIDTH, attention=True)[0]
+        memo = (reader, digest, result, time.perf_counter() - started)
+        st.session_state.last_reading = memo
+    return memo[2], memo[3]
+
+
+def show_reading(result: ReadResult, seconds: float, example: Example | None) -> None:
+    """The digits in large type, the true digits for an example, confidence per step and beam alternatives."""
+    reading_column, chart_column, beam_column = st.columns([2, 3, 2])
+    with reading_column:
+        st.subheader("Reading")
+        text = result.text or "(none)"
+        st.markdown(f'<div class="digit-reading" style="{READING_STYLE}">{text}</div>', unsafe_allow_html=True)
+        if example is not None:
+            verdict = ":green[✓ correct]" if example.digits == result.digits else ":red[✗ wrong]"
+            st.markdown(f"True digits: **{example.text}** {verdict}")
+        probability_column, time_column = st.columns(2)
+        probability_column.metric(
+            "Probability", f"{result.confidence:.1%}", help="The model's probability for the whole sequence, end token included."
+        )
+        time_column.metric(
+            "Read in", f"{seconds * 1000:.0f} ms",
+            help=f"Preprocessing, greedy decoding with attention and a beam search of width {BEAM_WIDTH}.",
+        )
+    with chart_column:
+        st.subheader("Confidence per step")
+        st.altair_chart(confidence_chart(result.digits, result.reading.step_probs), width="stretch")
+    with beam_column:
+        st.subheader("Alternatives")
+        st.caption(f"The most probable readings found by a beam search of width {BEAM_WIDTH}.")
+        st.dataframe(
+            alternatives_table(result.alternatives),
+            hide_index=True,
+            column_config={"probability": st.column_config.ProgressColumn("probability", format="percent", min_value=0.0, max_value=1.0)},
+        )
+        if result.alternatives and result.alternatives[0].digits != result.digits:
+            st.caption("Beam search ranks another reading above the greedy one shown on the left.")
+
+
+def show_model_input(image: Image.Image, result: ReadResult) -> None:
+    """The input beside the canonical image the model reads, and what preprocessing did."""
+    st.subheader("What the model sees")
+    prepared = result.preprocessed
+    notes = ["cropped to the ink", "digits scaled to about 20 px tall"]
+    if prepared.inverted:
+        notes.append("dark ink on a light background, so inverted")
+    if prepared.fitted:
+        notes.append(f"shrunk further to fit the model's {MAX_WIDTH}x{MAX_HEIGHT} limit, so small details may be lost")
+    original_column, canonical_column = st.columns(2)
+    original_column.image(display_copy(image), caption=f"Input, {image.width}x{image.height}")
+    height, width = prepared.image.shape
+    canonical_column.image(display_copy(gray_to_image(prepared.image)), caption=f"Model input, {width}x{height}")
+    canonical_column.caption(", ".join(notes).capitalize() + ".")
+
+
+def show_attention(reader: SequenceReader, result: ReadResult) -> None:
+    """For every decoding step, the decoder's cross-attention over the model input, as heatmaps."""
+    st.subheader("Where the decoder looks at each step")
+    cfg = reader.model.cfg
+    layer_column, head_column, _ = st.columns([1, 1, 2])
+    layer = layer_column.selectbox(
+        "Decoder layer", [None, *range(cfg.n_decoder_layers)],
+        format_func=lambda i: "Average over layers" if i is None else f"Layer {i + 1}",
+    )
+    head = head_column.selectbox(
+        "Attention head", [None, *range(cfg.n_heads)],
+        format_func=lambda i: "Average over heads" if i is None else f"Head {i + 1}",
+    )
+    maps = select_attention(result.reading.attention, layer, head)
+    canonical = result.preprocessed.image
+    zoom = overlay_zoom(canonical.shape[0])
+    labels = step_labels(result.digits, len(maps))
+    per_row = overlays_per_row(canonical.shape[1] * zoom)
+    for start in range(0, len(maps), per_row):
+        for column, step in zip(st.columns(per_row), range(start, min(start + per_row, len(maps)))):
+            column.image(
+                attention_overlay(canonical, maps[step], cfg.stride, zoom),
+                caption=f"{labels[step]} ({result.reading.step_probs[step]:.0%})",
+                alt=f"attention at step {labels[step]}",
+            )
+    st.caption("Each map is scaled to its own maximum: bright means where that step attends most.")
+
+
+def main() -> None:
+    st.set_page_config(page_title="Digit sequence reader", layout="wide")
+    st.title("Digit sequence reader")
+    st.caption(
+        "A vision transformer encodes the image; a transformer decoder writes the digits one at a time "
+        "in reading order: lines top to bottom, each line left to right."
+    )
+    reader = choose_reader()
+    source = st.radio("Input", SOURCES, horizontal=True, label_visibility="collapsed")
+    example = None
+    if source == "Draw":
+        image = draw_input()
+    elif source == "Upload":
+        upload = st.file_uploader("Image of handwritten digits", type=list(UPLOAD_TYPES))
+        image = file_input(upload, "Upload a PNG, JPEG, WebP, BMP, TIFF or GIF of digits, any size.")
+    elif source == "Camera":
+        photo = st.camera_input("Photograph digits written on paper")
+        image = file_input(photo, "Take a photo of a few digits written large on plain paper.")
+    else:
+        example = example_input()
+        image = example.image if example is not None else None
+    if image is None:
+        return
+    try:
+        result, seconds = read_once(reader, image)
+    except NoInkError as exc:
+        st.info(f"Nothing to read yet: {exc}. Draw bigger or bolder digits, or use a clearer image.")
+        return
+    st.divider()
+    show_reading(result, seconds, example)
+    show_model_input(image, result)
+    show_attention(reader, result)
+
+
+main()

@@ -1,0 +1,37 @@
+"""Which reader checkpoints the app can offer: every `NAME.safetensors` in one folder whose JSON says "reader"."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from model.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, read_meta
+
+CHECKPOINTS_ENV = "DIGIT_READER_CHECKPOINTS"
+TRAINING_STATE_SUFFIX = ".state.safetensors"  # optimizer state saved beside a checkpoint, not a model
+
+
+def checkpoint_folder() -> Path:
+    """The folder named by $DIGIT_READER_CHECKPOINTS, else the repository's checkpoints/."""
+    return Path(os.environ.get(CHECKPOINTS_ENV) or DEFAULT_CHECKPOINT.parent)
+
+
+def reader_checkpoints(folder: Path) -> tuple[list[Path], list[str]]:
+    """The reader checkpoints in folder (the default name first, then by name) and why others were skipped.
+
+    Classifier checkpoints and training state are left out silently; a weights
+    file with a missing or unreadable JSON is reported, since someone meant it to be used.
+    """
+    readers, problems = [], []
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name.endswith(TRAINING_STATE_SUFFIX):
+            continue
+        try:
+            kind = read_meta(path).get("model", {}).get("kind")
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        if kind == "reader":
+            readers.append(path)
+    readers.sort(key=lambda p: (p.name != DEFAULT_CHECKPOINT.name, p.name))
+    return readers, problems

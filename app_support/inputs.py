@@ -1,0 +1,24 @@
+"""Turning what the user gives the app (a drawing, an uploaded file, a photo) into a PIL image."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from PIL import Image
+
+UPLOAD_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif")
+
+
+def canvas_image(json_data: dict | None, image_data: np.ndarray | None) -> Image.Image | None:
+    """The canvas as an RGBA image when something is drawn on it; None for an empty or cleared canvas."""
+    if image_data is None or not (json_data or {}).get("objects"):
+        return None
+    return Image.fromarray(np.ascontiguousarray(image_data, dtype=np.uint8), mode="RGBA")
+
+
+def image_digest(image: Image.Image) -> str:
+    """A content hash of an image (mode, size and pixels), to tell a new input from one already read."""
+    digest = hashlib.sha1(f"{image.mode}{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
