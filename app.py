@@ -21,6 +21,7 @@ from app_support.checkpoints import CHECKPOINTS_ENV, checkpoint_folder, reader_c
 from app_support.examples import LAYOUT_CHOICES, STYLE_CHOICES, Example, shipped_example, synthesize_example
 from app_support.inputs import UPLOAD_TYPES, canvas_image, image_digest
 from app_support.visuals import (
+    NO_DIGITS,
     alternatives_table,
     attention_overlay,
     confidence_chart,
@@ -93,29 +94,25 @@ def choose_reader() -> SequenceReader:
 
 def draw_input() -> Image.Image | None:
     """The canvas, its brush and clear controls; the drawing, or None (and a hint) while it is empty."""
-    state = st.session_state
-    state.setdefault("canvas_version", 0)
+    st.session_state.setdefault("canvas_version", 0)
     brush_column, clear_column, _ = st.columns([2, 1, 3], vertical_alignment="bottom")
-    brush = brush_column.slider("Brush width", min_value=4, max_value=40, value=DEFAULT_BRUSH, step=1)
+    brush = brush_column.slider(
+        "Brush width", min_value=4, max_value=40, value=DEFAULT_BRUSH, step=1,
+        help="Changing the width starts a new drawing.",
+    )
     if clear_column.button("Clear canvas"):
-        state.canvas_version += 1  # a new key mounts a fresh, empty canvas
-        state.canvas_start = None
-    if brush != state.get("canvas_brush", brush):
-        # The canvas starts over from its initial drawing whenever a setting changes:
-        # hand it the strokes so far, so that a new brush width does not wipe them.
-        state.canvas_start = state.get("canvas_drawing")
-    state.canvas_brush = brush
+        st.session_state.canvas_version += 1
     drawing = st_canvas(
         stroke_width=brush,
         stroke_color="#FFFFFF",
         background_color="#000000",
         width=CANVAS_WIDTH,
         height=CANVAS_HEIGHT,
-        initial_drawing=state.get("canvas_start"),
         return_image_data=True,
-        key=f"canvas-{state.canvas_version}",
+        # A new key mounts a fresh, empty canvas. The brush width is part of it because the
+        # component wipes its strokes when a setting changes but keeps reporting the old drawing.
+        key=f"canvas-{st.session_state.canvas_version}-{brush}",
     )
-    state.canvas_drawing = drawing.json_data
     st.caption(
         "Write a few digits side by side or in lines. Undo, redo and clear are also in the toolbar "
         "that appears above the canvas's top right corner while the pointer is over the canvas."
@@ -179,7 +176,7 @@ def show_reading(result: ReadResult, seconds: float, example: Example | None) ->
     reading_column, chart_column, beam_column = st.columns([2, 3, 2])
     with reading_column:
         st.subheader("Reading")
-        text = result.text or "(none)"
+        text = result.text or NO_DIGITS
         st.markdown(f'<div class="digit-reading" style="{READING_STYLE}">{text}</div>', unsafe_allow_html=True)
         if example is not None:
             verdict = ":green[✓ correct]" if example.digits == result.digits else ":red[✗ wrong]"

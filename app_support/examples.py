@@ -32,6 +32,7 @@ class Example:
 
     @property
     def text(self) -> str:
+        """The true digits as a string."""
         return "".join(map(str, self.digits))
 
 
@@ -48,7 +49,10 @@ def synthesize_example(pool: DigitPool, layout: str, style: str, seed: int) -> E
 
 
 def shipped_example(seed: int, folder: Path = EXAMPLES_DIR) -> Example:
-    """One of the example PNGs listed in folder/labels.json, picked by seed."""
+    """One of the example PNGs listed in folder/labels.json, picked by seed.
+
+    Raises FileNotFoundError when labels.json is missing, ImageReadError when a listed PNG is.
+    """
     labels_path = folder / LABELS_FILE
     try:
         labels: dict[str, list[int]] = json.loads(labels_path.read_text())

@@ -11,6 +11,7 @@ from PIL import Image
 from model.decoding import BeamHypothesis
 
 END_LABEL = "end"
+NO_DIGITS = "(no digits)"  # shown for a reading that is only the end token
 ATTENTION_COLORMAP = "inferno"
 HEAT_SHARE = 0.6  # weight of the heatmap colour against the ink in an overlay
 
@@ -111,6 +112,6 @@ def confidence_chart(digits: list[int], step_probs: list[float]) -> alt.Chart:
 def alternatives_table(alternatives: list[BeamHypothesis]) -> dict[str, list]:
     """Beam hypotheses as table columns: the digits read and the sequence probability."""
     return {
-        "reading": ["".join(map(str, h.digits)) or "(no digits)" for h in alternatives],
+        "reading": ["".join(map(str, h.digits)) or NO_DIGITS for h in alternatives],
         "probability": [h.probability for h in alternatives],
     }

@@ -19,9 +19,9 @@ import train.data
 from app_support.checkpoints import CHECKPOINTS_ENV, reader_checkpoints
 from app_support.examples import EXAMPLES_DIR, LABELS_FILE, shipped_example, synthesize_example
 from app_support.inputs import canvas_image, image_digest
-from app_support.visuals import attention_overlay, confidence_chart, select_attention, step_labels
+from app_support.visuals import NO_DIGITS, attention_overlay, confidence_chart, select_attention, step_labels
 from model.checkpoint import checkpoint_paths
-from model.pipeline import SequenceReader
+from model.pipeline import ReadResult, SequenceReader
 from model.preprocess import load_image, preprocess_image
 from train.synth import LAYOUTS
 
@@ -71,13 +71,20 @@ def shipped_name(image: Image.Image) -> str:
     return next(p.name for p in EXAMPLES_DIR.glob("*.png") if image_digest(load_image(p)) == image_digest(image))
 
 
+def displayed(result: ReadResult) -> str:
+    """What the app should show in large type for this reading."""
+    return result.text or NO_DIGITS
+
+
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    """The image saved in a file format, as bytes."""
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 
 def upload(at: AppTest, name: str, data: bytes, mime: str = "image/png") -> AppTest:
+    """Switch the app to Upload, upload one file and rerun."""
     at.radio[0].set_value("Upload").run()
     at.file_uploader[0].set_value((name, data, mime))
     return at.run()
@@ -99,7 +106,7 @@ def test_uploaded_png_is_read_with_confidence_beam_and_attention(app: AppTest, r
     upload(app, EXAMPLE_PNG.name, EXAMPLE_PNG.read_bytes())
     assert not app.exception and not app.error
     expected = reader.read([load_image(EXAMPLE_PNG)], beam=4, attention=True)[0]
-    assert shown_reading(app) == (expected.text or "(none)")
+    assert shown_reading(app) == displayed(expected)
     captions = [c for image in app.image for c in image.captions]
     assert any(c.startswith("Input, 106x28") for c in captions)
     height, width = expected.preprocessed.image.shape
@@ -111,7 +118,7 @@ def test_uploaded_png_is_read_with_confidence_beam_and_attention(app: AppTest, r
     assert len(charts) == 1
     assert all(f'"{label}"' in charts[0].proto.spec for label in step_labels(expected.digits, len(expected.reading.step_probs)))
     table = app.dataframe[0].value
-    assert list(table["reading"]) == ["".join(map(str, h.digits)) or "(no digits)" for h in expected.alternatives]
+    assert list(table["reading"]) == ["".join(map(str, h.digits)) or NO_DIGITS for h in expected.alternatives]
     captions = [caption for _, caption in attention_heatmaps(app)]
     assert captions == [
         f"{label} ({p:.0%})"
@@ -129,10 +136,10 @@ def test_uploaded_png_is_read_with_confidence_beam_and_attention(app: AppTest, r
     ],
 )
 def test_other_formats_are_read(app: AppTest, reader: SequenceReader, fmt: str, name: str, mime: str, options: dict) -> None:
-    image = load_image(EXAMPLE_PNG).convert("RGB")
-    upload(app, name, encode(image, fmt, **options), mime)
+    data = encode(load_image(EXAMPLE_PNG).convert("RGB"), fmt, **options)
+    upload(app, name, data, mime)
     assert not app.exception and not app.error
-    assert shown_reading(app) == (reader.read([load_image(io.BytesIO(encode(image, fmt, **options)))])[0].text or "(none)")
+    assert shown_reading(app) == displayed(reader.read([load_image(data)])[0])
 
 
 def test_16_bit_png_is_read_and_shown(app: AppTest, reader: SequenceReader) -> None:
@@ -141,7 +148,7 @@ def test_16_bit_png_is_read_and_shown(app: AppTest, reader: SequenceReader) -> N
     assert load_image(data).mode.startswith("I")
     upload(app, "scan16.png", data)
     assert not app.exception and not app.error
-    assert shown_reading(app) == (reader.read([load_image(data)])[0].text or "(none)")
+    assert shown_reading(app) == displayed(reader.read([load_image(data)])[0])
 
 
 def test_gif_uses_its_first_frame(app: AppTest, reader: SequenceReader) -> None:
@@ -150,7 +157,7 @@ def test_gif_uses_its_first_frame(app: AppTest, reader: SequenceReader) -> None:
     data = encode(first, "GIF", save_all=True, append_images=[blank])
     upload(app, "digits.gif", data, "image/gif")
     assert not app.exception and not app.error
-    assert shown_reading(app) == (reader.read([first])[0].text or "(none)")
+    assert shown_reading(app) == displayed(reader.read([first])[0])
 
 
 def test_exif_orientation_is_honoured(app: AppTest) -> None:
@@ -170,7 +177,7 @@ def test_camera_photo_is_read(app: AppTest, reader: SequenceReader) -> None:
     app.camera_input[0].set_value(("photo.jpg", photo, "image/jpeg"))
     app.run()
     assert not app.exception and not app.error
-    assert shown_reading(app) == (reader.read([load_image(photo)])[0].text or "(none)")
+    assert shown_reading(app) == displayed(reader.read([load_image(photo)])[0])
 
 
 def test_garbage_upload_shows_error_and_app_keeps_running(app: AppTest) -> None:
@@ -223,13 +230,13 @@ def test_example_button_shows_prediction_and_true_digits(app: AppTest, reader: S
     truth = next(m.value for m in app.markdown if m.value.startswith("True digits:"))
     assert f"**{example.text}**" in truth
     predicted = reader.read([example.image])[0]
-    assert shown_reading(app) == (predicted.text or "(none)")
+    assert shown_reading(app) == displayed(predicted)
     assert ("correct" in truth) == (predicted.digits == example.digits)
     assert ("wrong" in truth) == (predicted.digits != example.digits)
 
 
 @pytest.fixture()
-def without_mnist(monkeypatch: pytest.MonkeyPatch):
+def without_mnist(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """MNIST unavailable: load_pools raises as it does on a machine without the data."""
 
     def missing(*args, **kwargs):
@@ -241,7 +248,7 @@ def without_mnist(monkeypatch: pytest.MonkeyPatch):
     st.cache_resource.clear()  # later tests load the real pool again
 
 
-def test_example_without_mnist_falls_back_to_shipped_pngs(app: AppTest, without_mnist) -> None:
+def test_example_without_mnist_falls_back_to_shipped_pngs(app: AppTest, without_mnist: None) -> None:
     app.radio[0].set_value("Example").run()
     app.button[0].click().run()
     assert not app.exception and not app.error
@@ -356,7 +363,7 @@ def test_shipped_examples_match_their_labels() -> None:
         assert example.digits == labels[shipped_name(example.image)]
 
 
-def test_synthesized_examples_follow_layout_and_seed(pools) -> None:
+def test_synthesized_examples_follow_layout_and_seed(pools: dict) -> None:
     grid = synthesize_example(pools["test"], "grid2x2", "clean", seed=3)
     assert len(grid.digits) == 4 and grid.description.startswith("grid2x2 layout")
     again = synthesize_example(pools["test"], "grid2x2", "clean", seed=3)

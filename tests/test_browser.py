@@ -20,6 +20,7 @@ import pytest
 from playwright.sync_api import Browser, Locator, Page, sync_playwright
 
 from app_support.checkpoints import CHECKPOINTS_ENV
+from app_support.visuals import NO_DIGITS
 
 REPO = Path(__file__).resolve().parent.parent
 SCREENSHOTS = REPO / "docs" / "screenshots"
@@ -179,8 +180,8 @@ def test_draw_read_clear_and_example(browser: Browser, app_server: tuple[str, fl
     heatmaps.first.wait_for(timeout=WAIT_MS)
     wait_until_idle(page)
     text = reading.inner_text().strip()
-    digits = "" if text == "(none)" else text
-    assert digits.isdigit() or text == "(none)"
+    digits = "" if text == NO_DIGITS else text
+    assert digits.isdigit() or text == NO_DIGITS
     assert heatmaps.count() in (len(digits), len(digits) + 1)  # one per digit, and the end token if emitted
     print(f"canvas read: '{text}' in {read_time(page)} (the app's own timing)")
     screenshot_whole_app(page, SCREENSHOTS / "app-draw.png")
@@ -195,9 +196,11 @@ def test_draw_read_clear_and_example(browser: Browser, app_server: tuple[str, fl
     for _ in range(4):
         page.keyboard.press("ArrowRight")
     page.get_by_test_id("stSliderThumbValue").filter(has_text="20").wait_for()
-    wait_until_idle(page)
-    draw_digits(page, canvas, [7], first_slot=5)  # with the new brush: the earlier strokes must still be there
-    assert wait_for_new_model_input(page, five_digits) > five_digits
+    reading.wait_for(state="detached", timeout=WAIT_MS)  # a new brush starts a new drawing: no stale reading
+    page.get_by_text("Draw digits on the canvas").wait_for(timeout=WAIT_MS)
+    draw_digits(page, canvas, [7, 1])
+    reading.wait_for(timeout=WAIT_MS)
+    assert wait_for_new_model_input(page, five_digits) < five_digits  # only the two new digits
 
     canvas.hover()  # the toolbar shows while the pointer is over the canvas
     undo = page.get_by_role("button", name="Undo", exact=True)
@@ -207,6 +210,11 @@ def test_draw_read_clear_and_example(browser: Browser, app_server: tuple[str, fl
     reset.click()
     page.get_by_text("Draw digits on the canvas").wait_for(timeout=WAIT_MS)
     reading.wait_for(state="detached", timeout=WAIT_MS)
+    draw_digits(page, canvas, [4])
+    reading.wait_for(timeout=WAIT_MS)
+    page.get_by_role("button", name="Clear canvas").click()
+    reading.wait_for(state="detached", timeout=WAIT_MS)
+    page.get_by_text("Draw digits on the canvas").wait_for(timeout=WAIT_MS)
 
     page.get_by_text("Example", exact=True).click()
     page.get_by_role("button", name="Show a random example").click()

@@ -38,6 +38,7 @@ class Suite:
 
 
 SUITES: dict[str, Suite] = {
+    "mnist-test": Suite("mnist", "clean", {}, "the 10,000 MNIST test digits as published, each once"),
     "single": Suite("single", "clean", {}, "one MNIST digit, 28x28"),
     "grid2x2": Suite("grid2x2", "clean", {}, "four digits in a 2x2 grid, 56x56"),
     "strip": Suite("strip", "clean", {"min_digits": 1, "max_digits": 10}, "a line of 1-10 digits, random spacing"),
@@ -51,12 +52,15 @@ SUITES: dict[str, Suite] = {
     "drawn": Suite("strip", "drawn", {"min_digits": 3, "max_digits": 8}, "3-8 digits re-drawn as round-brush strokes, 3-6x scale"),
     "photo": Suite("strip", "photo", {"min_digits": 3, "max_digits": 8}, "3-8 digits, dark ink on lit paper, blur, JPEG, 2-4x"),
 }
-CORE_SUITES = ["single", "grid2x2", "strip", "multiline", "scatter"]
+CORE_SUITES = ["mnist-test", "single", "grid2x2", "strip", "multiline", "scatter"]
 
 
 def suite_samples(name: str, pool, n: int, seed: int = 0, chunk: int = 256) -> list[Sample]:
     """The suite's n samples: the same images for the same (name, n, seed)."""
     suite = SUITES[name]
+    if suite.layout == "mnist":
+        images = pool.images[:n].float().div(255.0).numpy()
+        return [Sample(image, [int(label)], [(0, 0, 28, 28)], "single") for image, label in zip(images, pool.labels[:n].tolist())]
     synth = SequenceSynth(pool, STYLES[suite.style], seed=seed * 1000 + sorted(SUITES).index(name))
     samples: list[Sample] = []
     while len(samples) < n:
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown suites {unknown}; choose from {', '.join(SUITES)}")
     model, meta = load_checkpoint(args.checkpoint)
     if isinstance(model, DigitClassifier):
-        names = [s for s in names if SUITES[s].layout == "single"]
+        names = [s for s in names if SUITES[s].layout in ("single", "mnist")]
     pools = load_pools(args.data_root)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
