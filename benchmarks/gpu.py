@@ -40,13 +40,13 @@ from train.loop import PRESETS, TrainConfig, learning_rate, make_optimizer, mixe
 class Plan:
     batch: int  # samples per training step and images per decoding call
     distinct_batches: int  # batches synthesised once and cycled through
-    warmup_steps: int  # untimed training steps (torch.compile compiles here)
+    warmup_steps: int  # untimed training steps, at least one per distinct batch: torch.compile compiles every shape here
     train_steps: int
     decode_calls: int
 
 
 FULL = Plan(batch=256, distinct_batches=8, warmup_steps=10, train_steps=50, decode_calls=8)
-QUICK = Plan(batch=16, distinct_batches=2, warmup_steps=1, train_steps=3, decode_calls=1)
+QUICK = Plan(batch=16, distinct_batches=2, warmup_steps=2, train_steps=3, decode_calls=1)
 
 
 def synchronize(device: torch.device) -> None:

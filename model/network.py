@@ -256,6 +256,10 @@ class Encoder(nn.Module):
         self._position_cache: dict[tuple[int, int, str], torch.Tensor] = {}
 
     def position_code(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # In a compiled graph the code costs little, while the cache dict adds a guard on its
+            # length that recompiles the graph whenever the cache grows.
+            return sincos_position_code(grid_h, grid_w, self.cfg.d_model, device)
         key = (grid_h, grid_w, str(device))
         if key not in self._position_cache:
             self._position_cache[key] = sincos_position_code(grid_h, grid_w, self.cfg.d_model, device)
@@ -269,8 +273,10 @@ class Encoder(nn.Module):
                 f"image {height}x{width} exceeds the model's maximum {cfg.max_image_height}x{cfg.max_image_width}; "
                 "run it through model.preprocess.preprocess_image first, which rescales it"
             )
-        # Pad to a whole number of tokens; padded pixels are background and masked.
-        pad_h, pad_w = -height % cfg.stride, -width % cfg.stride
+        # Pad to a whole number of tokens; padded pixels are background and masked. Written without `%`:
+        # torch.compile (PyTorch 2.14) fails on the modulo of a dynamic size when the batch shape changes.
+        pad_h = (height + cfg.stride - 1) // cfg.stride * cfg.stride - height
+        pad_w = (width + cfg.stride - 1) // cfg.stride * cfg.stride - width
         if pixel_mask is None and (pad_h or pad_w):
             pixel_mask = torch.ones(images.shape[0], height, width, dtype=torch.bool, device=images.device)
         if pad_h or pad_w:
