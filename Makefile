@@ -29,7 +29,7 @@ eval: setup
 
 train: setup
 	$(PY) -m train --preset classifier --out runs/classifier
-	$(PY) -m train --preset default --out runs/default --set init_encoder=runs/classifier/best.safetensors
+	OMP_NUM_THREADS=1 $(PY) -m train --preset default --out runs/default --set init_encoder=runs/classifier/last.safetensors
 
 benchmark: setup
 	$(PY) -m benchmarks.decoding

@@ -35,7 +35,7 @@ class TrainConfig:
     clean_share: float = 0.2  # batches without augmentation
     easy_steps: int = 300  # first steps on short, mostly clean sequences (train.batches.WARMUP_MIXTURE)
     batch_size: int = 32  # small batches: on 2 CPU cores samples are the budget, so more updates per sample
-    steps: int = 8000
+    steps: int = 7000
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 300
@@ -73,7 +73,7 @@ PRESETS: dict[str, TrainConfig] = {
         model=ModelConfig(stem_channels=(), patch_size=7, d_model=96, n_heads=4, n_encoder_layers=4, n_decoder_layers=2),
     ),
     # The shipped checkpoint: conv stem, width 128; start it from a trained classifier's encoder
-    # (--set init_encoder=runs/classifier/best.safetensors), see the README.
+    # (--set init_encoder=runs/classifier/last.safetensors), see the README.
     "default": TrainConfig(),
     # The single-digit experiment: the same encoder with a class head.
     "classifier": TrainConfig(
