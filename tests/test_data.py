@@ -1,9 +1,13 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
+import train.loop as train_loop
+import train.synth as synth_module
 from train.data import DatasetMissingError, DigitPool, load_pools
-from train.evaluate import SUITES, suite_samples
+from train.evaluate import evaluate_suites, suite_samples
 from train.synth import LAYOUTS, STYLES, AmbiguousLayout, SequenceSynth, reading_order
 
 
@@ -81,13 +85,25 @@ def test_generator_is_deterministic_for_a_seed(pools):
     assert suite_samples("grid2x2", pools["test"], 10)[3].digits == suite_samples("grid2x2", pools["test"], 10)[3].digits
 
 
-def test_splits_never_mix(pools):
+def test_splits_never_mix(pools, tiny_reader, tmp_path, monkeypatch):
     train, val, test = pools["train"], pools["val"], pools["test"]
     assert train.split == val.split == "train" and test.split == "test"
     assert not set(train.indices) & set(val.indices)
     assert len(train) + len(val) == 60000 and len(test) == 10000
-    # Evaluation suites draw digits from the test pool only.
-    assert {SUITES[name].layout for name in SUITES} <= set(LAYOUTS)
+    # Record the pool behind every generator that training and evaluation build.
+    used: list[tuple[str, int]] = []
+    original_init = synth_module.SequenceSynth.__init__
+
+    def recording_init(self, pool, *args, **kwargs):
+        used.append((pool.split, len(pool)))
+        original_init(self, pool, *args, **kwargs)
+
+    monkeypatch.setattr(synth_module.SequenceSynth, "__init__", recording_init)
+    train_loop.train(replace(train_loop.PRESETS["tiny"], steps=2, eval_every=2, val_per_layout=2), tmp_path / "run")
+    assert used and set(used) == {("train", len(train)), ("train", len(val))}
+    used.clear()
+    evaluate_suites(tiny_reader, pools, ["grid2x2", "strip"], n=4, seed=0, beam=2, beam_n=2, batch_size=4)
+    assert used and set(used) == {("test", len(test))}
 
 
 def test_missing_dataset_names_the_folder_and_the_fix(tmp_path, monkeypatch):
