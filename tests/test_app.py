@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,11 +32,15 @@ READING_MARK = 'class="digit-reading"'
 
 
 @pytest.fixture(scope="module", autouse=True)
-def restore_torch_threads() -> Iterator[None]:
-    """AppTest runs the app in this process, and the app pins torch to one thread: give the rest of the suite its threads back."""
+def restore_process_state() -> Iterator[None]:
+    """AppTest runs the app in this process: the app pins torch to one thread, and the script runner
+    leaves app.py installed as `__main__`, which multiprocessing's spawn would then re-run in every
+    child (the distributed tests). Give the rest of the suite both back."""
     threads = torch.get_num_threads()
+    main_module = sys.modules["__main__"]
     yield
     torch.set_num_threads(threads)
+    sys.modules["__main__"] = main_module
 
 
 @pytest.fixture()
