@@ -198,6 +198,9 @@ def test_draw_read_clear_and_example(browser: Browser, app_server: tuple[str, fl
     page.get_by_test_id("stSliderThumbValue").filter(has_text="20").wait_for()
     reading.wait_for(state="detached", timeout=WAIT_MS)  # a new brush starts a new drawing: no stale reading
     page.get_by_text("Draw digits on the canvas").wait_for(timeout=WAIT_MS)
+    # The new brush mounts a new canvas: let that rerun finish before drawing on it, as a person would.
+    wait_until_idle(page)
+    canvas.wait_for(timeout=WAIT_MS)
     draw_digits(page, canvas, [7, 1])
     reading.wait_for(timeout=WAIT_MS)
     assert wait_for_new_model_input(page, five_digits) < five_digits  # only the two new digits
