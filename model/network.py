@@ -310,6 +310,37 @@ class DecoderBlock(nn.Module):
         self.norm3 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg.d_model, cfg.mlp_ratio, cfg.dropout)
 
+    def forward(
+        self,
+        x: torch.Tensor,
+        cross_keys: torch.Tensor,
+        cross_values: torch.Tensor,
+        memory_mask: torch.Tensor | None,
+        self_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position: int = 0,
+        return_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the block; returns (x, cross-attention weights or None).
+
+        Without self_cache, x is whole sequences and self-attention is causal. With
+        self_cache (preallocated keys, values), x is the one new token at `position`:
+        its key/value are written into the cache and it attends to the cached prefix.
+        """
+        h = self.norm1(x)
+        key, value = self.self_attn.keys_values(h)
+        if self_cache is None:
+            x = x + self.self_attn.attend(h, key, value, is_causal=True)[0]
+        else:
+            keys, values = self_cache
+            keys[:, :, position : position + 1] = key
+            values[:, :, position : position + 1] = value
+            x = x + self.self_attn.attend(h, keys[:, :, : position + 1], values[:, :, : position + 1])[0]
+        attended, weights = self.cross_attn.attend(
+            self.norm2(x), cross_keys, cross_values, mask=memory_mask, return_weights=return_weights
+        )
+        x = x + attended
+        return x + self.mlp(self.norm3(x)), weights
+
 
 @dataclass
 class DecoderState:
@@ -359,15 +390,8 @@ class Decoder(nn.Module):
         x = self.token_embed(tokens) + self.position_embed(positions)
         cross_weights = []
         for block in self.blocks:
-            h = block.norm1(x)
-            key, value = block.self_attn.keys_values(h)
-            x = x + block.self_attn.attend(h, key, value, is_causal=True)[0]
-            key, value = block.cross_attn.keys_values(encoded.memory)
-            attended, weights = block.cross_attn.attend(
-                block.norm2(x), key, value, mask=encoded.attn_mask, return_weights=return_attention
-            )
-            x = x + attended
-            x = x + block.mlp(block.norm3(x))
+            cross_keys, cross_values = block.cross_attn.keys_values(encoded.memory)
+            x, weights = block(x, cross_keys, cross_values, encoded.attn_mask, return_weights=return_attention)
             if return_attention:
                 cross_weights.append(weights)
         return self.head(self.norm(x)), cross_weights
@@ -399,21 +423,10 @@ class Decoder(nn.Module):
         x = (self.token_embed(token) + self.position_embed(position))[:, None, :]  # (B, 1, d)
         cross_weights = []
         for i, block in enumerate(self.blocks):
-            h = block.norm1(x)
-            key, value = block.self_attn.keys_values(h)
-            state.self_keys[i][:, :, t : t + 1] = key
-            state.self_values[i][:, :, t : t + 1] = value
-            keys, values = state.self_keys[i][:, :, : t + 1], state.self_values[i][:, :, : t + 1]
-            x = x + block.self_attn.attend(h, keys, values)[0]
-            attended, weights = block.cross_attn.attend(
-                block.norm2(x),
-                state.cross_keys[i],
-                state.cross_values[i],
-                mask=state.memory_mask,
-                return_weights=return_attention,
+            x, weights = block(
+                x, state.cross_keys[i], state.cross_values[i], state.memory_mask,
+                self_cache=(state.self_keys[i], state.self_values[i]), position=t, return_weights=return_attention,
             )
-            x = x + attended
-            x = x + block.mlp(block.norm3(x))
             if return_attention:
                 cross_weights.append(weights[:, :, 0])  # (B, h, N)
         state.length = t + 1
