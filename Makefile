@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA ?= $(or $(DIGIT_READER_DATA),data)
 export DIGIT_READER_DATA := $(DATA)
 
-.PHONY: setup test app read eval train benchmark clean
+.PHONY: setup test app read eval train race bench-train benchmark clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,13 @@ eval: setup
 	$(PY) -m train.evaluate --suites all --n 2000 --beam 4 --out docs/eval
 
 train: setup
-	$(PY) -m train --preset classifier --out runs/classifier
-	OMP_NUM_THREADS=1 $(PY) -m train --preset default --out runs/default --set init_encoder=runs/classifier/last.safetensors
+	$(PY) -m train --preset default --out runs/default
+
+race: setup
+	$(PY) -m train --preset race --out runs/race
+
+bench-train: setup
+	$(PY) -m benchmarks.training
 
 benchmark: setup
 	$(PY) -m benchmarks.decoding

@@ -34,8 +34,8 @@ from app_support.visuals import (
 )
 from model.checkpoint import CheckpointError
 from model.pipeline import ReadResult, SequenceReader
-from model.preprocess import MAX_HEIGHT, MAX_WIDTH, ImageReadError, NoInkError, load_image
-from train.data import DatasetMissingError, DigitPool, load_pools
+from model.preprocess import ImageReadError, NoInkError, load_image
+from data.mnist import DatasetMissingError, DigitPool, load_pools
 
 BEAM_WIDTH = 4
 SOURCES = ("Draw", "Upload", "Camera", "Example")
@@ -60,7 +60,7 @@ def load_reader(path: str, modified_ns: int) -> SequenceReader:
 def load_test_pool() -> tuple[DigitPool | None, str]:
     """MNIST's test digits, or None and the reason when MNIST is not on this machine."""
     try:
-        return load_pools()["test"], ""
+        return load_pools(splits=("test",))["test"], ""
     except DatasetMissingError as exc:
         return None, str(exc)
 
@@ -204,15 +204,17 @@ def show_reading(result: ReadResult, seconds: float, example: Example | None) ->
             st.caption("Beam search ranks another reading above the greedy one shown on the left.")
 
 
-def show_model_input(image: Image.Image, result: ReadResult) -> None:
+def show_model_input(reader: SequenceReader, image: Image.Image, result: ReadResult) -> None:
     """The input beside the canonical image the model reads, and what preprocessing did."""
     st.subheader("What the model sees")
-    prepared = result.preprocessed
-    notes = ["cropped to the ink", "digits scaled to about 20 px tall"]
+    prepared, cfg = result.preprocessed, reader.model.cfg
+    notes = ["cropped to the ink", f"digits scaled to about {cfg.digit_height:g} px tall"]
     if prepared.inverted:
         notes.append("dark ink on a light background, so inverted")
     if prepared.fitted:
-        notes.append(f"shrunk further to fit the model's {MAX_WIDTH}x{MAX_HEIGHT} limit, so small details may be lost")
+        notes.append(
+            f"shrunk further to fit the model's {cfg.max_image_width}x{cfg.max_image_height} limit, so small details may be lost"
+        )
     original_column, canonical_column = st.columns(2)
     original_column.image(display_copy(image), caption=f"Input, {image.width}x{image.height}")
     height, width = prepared.image.shape
@@ -278,7 +280,7 @@ def main() -> None:
         return
     st.divider()
     show_reading(result, seconds, example)
-    show_model_input(image, result)
+    show_model_input(reader, image, result)
     show_attention(reader, result)
 
 

@@ -11,9 +11,9 @@ from PIL import Image
 
 from app_support.visuals import gray_to_image
 from model.preprocess import load_image
-from train.data import DigitPool
-from train.evaluate import SUITES
-from train.synth import LAYOUTS, STYLES, SequenceSynth
+from data.mnist import DigitPool
+from data.suites import SUITES
+from data.synth import LAYOUTS, STYLES, SequenceSynth
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 LABELS_FILE = "labels.json"

@@ -23,8 +23,8 @@ from model.decoding import beam_search, greedy_decode
 from model.network import DigitReader
 from model.preprocess import batch_images
 from train.batches import canonical_images, sequence_tensors
-from train.data import load_pools
-from train.synth import STYLES, SequenceSynth
+from data.mnist import load_pools
+from data.synth import STYLES, SequenceSynth
 
 
 def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
@@ -56,10 +56,10 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def strip_batch(pool, digits: int, batch: int, seed: int = 0):
+def strip_batch(pool, model: DigitReader, digits: int, batch: int, seed: int = 0):
     synth = SequenceSynth(pool, STYLES["clean"], seed=seed)
     samples = synth.sample("strip", batch, min_digits=digits, max_digits=digits)
-    images, mask = batch_images(canonical_images(samples))
+    images, mask = batch_images(canonical_images(samples, model.cfg))
     tokens, _ = sequence_tensors([s.digits for s in samples])
     return images, mask, tokens
 
@@ -75,14 +75,14 @@ def main(argv: list[str] | None = None) -> None:
 
     model, _ = load_checkpoint(args.checkpoint)
     assert isinstance(model, DigitReader)
-    pool = load_pools(args.data_root)["test"]
+    pool = load_pools(args.data_root, splits=("test",))["test"]
     peak = matmul_flops_per_s()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     print(f"checkpoint {args.checkpoint}\n")
     rows = []
     with torch.inference_mode():
         for digits in (5, 10):
-            images, mask, tokens = strip_batch(pool, digits, args.batch)
+            images, mask, tokens = strip_batch(pool, model, digits, args.batch)
             methods: dict[str, Callable[[], object]] = {
                 "teacher-forced forward": lambda: model(images, tokens, mask),
                 "greedy, KV cache": lambda: greedy_decode(model, images, mask, use_cache=True),
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                 rate = args.batch / seconds
                 rows.append((digits, name, rate, flops, flops * rate / peak))
                 print(f"  {digits} digits, {name}: {rate:.0f} images/s", flush=True)
-        images, mask, _ = strip_batch(pool, 5, args.latency_samples, seed=1)
+        images, mask, _ = strip_batch(pool, model, 5, args.latency_samples, seed=1)
         latencies = []
         for i in range(args.latency_samples):
             one = images[i : i + 1, :, : int(mask[i].any(1).sum()), : int(mask[i].any(0).sum())]

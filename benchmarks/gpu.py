@@ -1,4 +1,4 @@
-"""Training and decoding throughput of the default model: `python -m benchmarks.gpu --device cuda`.
+"""Training and decoding throughput of a preset's model (the race's by default): `python -m benchmarks.gpu --device cuda`.
 
 Measures, on one device and one process:
   - batch synthesis: samples/s the CPU makes training batches at (one process;
@@ -30,8 +30,8 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.decoding import greedy_decode
 from model.network import DigitReader, build_model, count_parameters
-from train.batches import Batch, training_batch
-from train.data import load_pools
+from train.batches import Batch, BatchMaker
+from data.mnist import load_pools
 from train.distributed import Placement
 from train.loop import PRESETS, TrainConfig, learning_rate, make_optimizer, mixed_precision, pick_device, training_step
 
@@ -64,18 +64,17 @@ def timed(device: torch.device, repeat: int, work: Callable[[int], None]) -> flo
     return time.perf_counter() - began
 
 
-def make_batches(cfg: TrainConfig, plan: Plan, data_root: str | None) -> tuple[list[Batch], float]:
-    """Batches from the full training mixture (past the easy warm-up steps) and the synthesis rate."""
-    pool = load_pools(data_root)["train"]
+def make_batches(cfg: TrainConfig, plan: Plan, data_root: str | None) -> tuple[list[list[Batch]], float]:
+    """Batches from the full training mixture (past the length ramp) and the synthesis rate."""
+    pool = load_pools(data_root, splits=("train",))["train"]
+    maker = BatchMaker(pool, cfg.mixture(), cfg.model, plan.batch, cfg.seed, cfg.ramp_steps, groups=cfg.groups, bank_size=cfg.bank_size)
+    maker(cfg.ramp_steps)  # the first call warps the digit bank
     began = time.perf_counter()
-    batches = [
-        training_batch(pool, cfg.mixture(), plan.batch, cfg.seed, cfg.easy_steps + k, cfg.easy_steps)
-        for k in range(plan.distinct_batches)
-    ]
+    batches = [maker(cfg.ramp_steps + k) for k in range(plan.distinct_batches)]
     return batches, plan.batch * plan.distinct_batches / (time.perf_counter() - began)
 
 
-def training_rate(model: torch.nn.Module, cfg: TrainConfig, batches: list[Batch], plan: Plan, device: torch.device,
+def training_rate(model: torch.nn.Module, cfg: TrainConfig, batches: list[list[Batch]], plan: Plan, device: torch.device,
                   compile_model: bool) -> float:
     """Training samples/s of the train() step: forward, backward, clipping and AdamW."""
     optimizer = make_optimizer(model, cfg)
@@ -90,10 +89,10 @@ def training_rate(model: torch.nn.Module, cfg: TrainConfig, batches: list[Batch]
     return plan.batch * plan.train_steps / timed(device, plan.train_steps, step)
 
 
-def decoding_rate(model: DigitReader, batches: list[Batch], plan: Plan, device: torch.device,
+def decoding_rate(model: DigitReader, batches: list[list[Batch]], plan: Plan, device: torch.device,
                   precision: AbstractContextManager) -> float:
     """Greedy-decoding images/s with the KV cache; images are on the device already."""
-    inputs = [(b.images.to(device), b.pixel_mask.to(device)) for b in batches]
+    inputs = [(b.images.to(device), b.pixel_mask.to(device)) for step in batches for b in step]
     model.eval()
 
     def decode(i: int) -> None:
@@ -102,7 +101,8 @@ def decoding_rate(model: DigitReader, batches: list[Batch], plan: Plan, device: 
             greedy_decode(model, images, mask)
 
     timed(device, 1, decode)  # warm-up: kernels and allocator
-    return plan.batch * plan.decode_calls / timed(device, plan.decode_calls, decode)
+    images = sum(len(b.digits) for step in batches for b in step) / len(inputs)
+    return images * plan.decode_calls / timed(device, plan.decode_calls, decode)
 
 
 def device_name(device: torch.device) -> str:
@@ -115,12 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="cuda, cpu, mps or auto (default)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model and mixture (default: default)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="race", help="model and mixture (default: race)")
     parser.add_argument("--compile", action="store_true", help="time the training step under torch.compile")
     parser.add_argument("--quick", action="store_true", help="a few small batches: checks the script, measures little")
     parser.add_argument("--batch", type=int, default=None, help=f"batch size (default {FULL.batch}, {QUICK.batch} with --quick)")
     parser.add_argument("--checkpoint", default=None, help="decode with these trained weights instead of a fresh model")
-    parser.add_argument("--data-root", default=None, help="MNIST root (default $DIGIT_READER_DATA or ./data)")
+    parser.add_argument("--data-root", default=None, help="MNIST root (default $DIGIT_READER_DATA or data/mnist)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     plan = QUICK if args.quick else FULL

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from train.data import load_pools
-from train.synth import STYLES, SequenceSynth
+from data.mnist import load_pools
+from data.synth import STYLES, SequenceSynth
 
 SEED = 20240601
 # file stem: (layout, style, SequenceSynth.sample options)
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="folder to write to")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    pool = load_pools()["test"]
+    pool = load_pools(splits=("test",))["test"]
     labels = {}
     for index, (stem, (layout, style, options)) in enumerate(EXAMPLES.items()):
         sample = SequenceSynth(pool, STYLES[style], seed=SEED + index).sample(layout, 1, **options)[0]

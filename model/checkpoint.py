@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.network import VOCABULARY, DigitClassifier, DigitReader, ModelConfig, build_model
-from model.preprocess import MARGIN, TARGET_DIGIT_HEIGHT
+from model.preprocess import MARGIN
 
 FORMAT_VERSION = 1
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "digit-reader.safetensors"
@@ -72,7 +72,7 @@ def save_checkpoint(
         "input": {
             "channels": 1,
             "polarity": "white ink on black, values in [0, 1]",
-            "digit_height_px": TARGET_DIGIT_HEIGHT,
+            "digit_height_px": model.cfg.digit_height,
             "margin_px": MARGIN,
             "max_height": model.cfg.max_image_height,
             "max_width": model.cfg.max_image_width,

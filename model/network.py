@@ -6,7 +6,7 @@ key/value cache, and the two models built from them (the sequence reader and the
 single-digit classifier). Decoding strategies live in `model/decoding.py`.
 
 Images are float tensors (B, 1, H, W) in [0, 1], white ink on black, at the
-canonical scale that `model/preprocess.py` produces (digits about 20 px tall).
+canonical scale that `model/preprocess.py` produces (digits `ModelConfig.digit_height` px tall).
 Batches may mix sizes: images are zero-padded to a common size and a boolean
 `pixel_mask` (B, H, W) says which pixels are real.
 """
@@ -45,8 +45,9 @@ class ModelConfig:
     n_decoder_layers: int = 2
     mlp_ratio: float = 4.0
     dropout: float = 0.0
-    max_image_height: int = 128  # largest canvas the position code and the reader accept
-    max_image_width: int = 384
+    digit_height: float = 20.0  # pixels a digit is tall in the canonical input (model.preprocess rescales to it)
+    max_image_height: int = 160  # largest canvas the reader accepts: four lines of digits
+    max_image_width: int = 384  # a line of 16 widely spaced digits
     max_digits: int = 24  # longest sequence the decoder emits (EOS not counted)
     num_classes: int = 10  # classifier mode only
 

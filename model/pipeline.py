@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
@@ -50,6 +49,11 @@ class SequenceReader:
         self.checkpoint = Path(checkpoint)
         self.device = device
 
+    def preprocess(self, image: Image.Image | np.ndarray) -> Preprocessed:
+        """The canonical input this model reads: its own digit height and largest canvas, from its checkpoint."""
+        cfg = self.model.cfg
+        return preprocess_image(image, cfg.digit_height, (cfg.max_image_height, cfg.max_image_width))
+
     def read(
         self,
         images: list[Image.Image | np.ndarray | Preprocessed],
@@ -63,7 +67,7 @@ class SequenceReader:
         per-image failures into error entries instead.
         """
         started = time.perf_counter()
-        prepared = [im if isinstance(im, Preprocessed) else preprocess_image(im) for im in images]
+        prepared = [im if isinstance(im, Preprocessed) else self.preprocess(im) for im in images]
         results: list[ReadResult | None] = [None] * len(prepared)
         # Similar sizes together keeps padding (wasted work) small.
         order = sorted(range(len(prepared)), key=lambda i: prepared[i].image.shape)

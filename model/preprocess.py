@@ -2,8 +2,9 @@
 
 The same code serves training, evaluation, the batch reader and the app, so the
 model always sees one distribution: white ink on black, background removed,
-cropped to the ink with a small margin, and rescaled so that a digit is about
-`TARGET_DIGIT_HEIGHT` pixels tall (the height of an MNIST digit's ink).
+cropped to the ink with a small margin, and rescaled so that a digit is as tall
+as the model expects (its checkpoint's `digit_height`; 20 px, an MNIST digit's
+ink, for checkpoints that do not say).
 
 Steps, each there for a failure seen on real inputs:
 1. grayscale (coloured ink kept dark: the darkest channel on light paper);
@@ -12,7 +13,8 @@ Steps, each there for a failure seen on real inputs:
 4. illumination: a morphological opening much wider than a stroke estimates the
    background (shadows, gradients, paper texture); it is subtracted, and on paper
    also divided out, since light multiplies what the camera sees;
-5. contrast stretched to the brightest ink, faint background floor removed;
+5. (`preprocess_ink`, where training's fast path joins at step 4) contrast stretched to the
+   brightest ink, faint background floor removed;
 6. crop to the ink; the digit height is measured per text line (lines are bands
    of rows with ink, see docs/READING_ORDER.md) and the crop rescaled to the target.
 """
@@ -20,19 +22,20 @@ Steps, each there for a failure seen on real inputs:
 from __future__ import annotations
 
 import io
+import math
 import os
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-TARGET_DIGIT_HEIGHT = 20.0  # MNIST centres each digit's ink in a 20x20 box
+TARGET_DIGIT_HEIGHT = 20.0  # digit height of models whose checkpoint does not say: MNIST's 20x20 ink box
 MARGIN = 4  # background pixels kept around the ink
 MAX_INPUT_PIXELS = 40_000_000  # larger uploads are refused rather than risk memory
 WORKING_SIDE = 1024  # longer sides are downscaled to this before anything else
-MAX_HEIGHT, MAX_WIDTH = 128, 384  # the model's largest canvas (ModelConfig defaults)
+MAX_HEIGHT, MAX_WIDTH = 160, 384  # the largest canvas of models whose checkpoint does not say (ModelConfig defaults)
 
 
 class ImageReadError(ValueError):
@@ -97,47 +100,20 @@ def to_grayscale(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(rgb.min(-1) if np.median(luma) > 0.5 else rgb.max(-1))
 
 
-def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear resize of (H, W) with antialiasing when shrinking."""
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize (H, W) float32: area averaging when shrinking (no aliasing), bilinear when enlarging."""
+    if (height, width) == image.shape:
+        return image
     shrink = height < image.shape[0] or width < image.shape[1]
-    out = F.interpolate(image[None, None], size=(height, width), mode="bilinear", align_corners=False, antialias=shrink)
-    return out[0, 0]
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def _max_filter_1d(x: torch.Tensor, kernel: int, dim: int) -> torch.Tensor:
-    """Centred running max of odd width `kernel` along dim, edges replicated.
-
-    Built by doubling (max of two windows of width w gives width 2w), so it costs
-    about log2(kernel) elementwise maxima instead of a kernel-wide loop per pixel.
-    """
-    pad = kernel // 2
-    size = x.shape[dim]
-    x = torch.cat([x.narrow(dim, 0, 1).expand_as(x.narrow(dim, 0, pad)) if pad else x.narrow(dim, 0, 0), x,
-                   x.narrow(dim, size - 1, 1).expand_as(x.narrow(dim, 0, pad)) if pad else x.narrow(dim, 0, 0)], dim)
-    width, out = 1, x
-    while 2 * width <= kernel:
-        n = out.shape[dim] - width
-        out = torch.maximum(out.narrow(dim, 0, n), out.narrow(dim, width, n))
-        width *= 2
-    if width < kernel:
-        n = out.shape[dim] - (kernel - width)
-        out = torch.maximum(out.narrow(dim, 0, n), out.narrow(dim, kernel - width, n))
-    return out.narrow(dim, 0, size)
+def _box_filter(x: np.ndarray, kernel: int) -> np.ndarray:
+    """Square mean filter with edge replication."""
+    return cv2.blur(x, (kernel, kernel), borderType=cv2.BORDER_REPLICATE)
 
 
-def _max_filter(x: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Square max filter of odd width on the last two dims, edges replicated."""
-    return _max_filter_1d(_max_filter_1d(x, kernel, -1), kernel, -2)
-
-
-def _box_filter(x: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Square mean filter on (1, 1, H, W) with edge replication, as two 1D passes."""
-    pad = kernel // 2
-    x = F.avg_pool2d(F.pad(x, (pad, pad, 0, 0), mode="replicate"), (1, kernel), stride=1)
-    return F.avg_pool2d(F.pad(x, (0, 0, pad, pad), mode="replicate"), (kernel, 1), stride=1)
-
-
-def _remove_background(ink: torch.Tensor, on_paper: bool) -> torch.Tensor:
+def _remove_background(ink: np.ndarray, on_paper: bool) -> np.ndarray:
     """Remove a smooth background from an ink-bright image.
 
     The estimate is a grayscale opening (erode, then dilate) with a window a fifth
@@ -148,22 +124,22 @@ def _remove_background(ink: torch.Tensor, on_paper: bool) -> torch.Tensor:
     """
     short = min(ink.shape)
     factor = max(1, short // 32)
-    x = ink[None, None]
-    small = F.avg_pool2d(x, factor, ceil_mode=True) if factor > 1 else x
-    kernel = max(5, int(0.2 * min(small.shape[2:]))) | 1
-    background = _box_filter(_max_filter(-_max_filter(-small, kernel), kernel), kernel)
+    small = _resize(ink, -(-ink.shape[0] // factor), -(-ink.shape[1] // factor)) if factor > 1 else ink
+    kernel = max(5, int(0.2 * min(small.shape))) | 1
+    window = np.ones((kernel, kernel), np.uint8)
+    background = _box_filter(cv2.dilate(cv2.erode(small, window), window), kernel)
     if factor > 1:
-        background = F.interpolate(background, size=ink.shape, mode="bilinear", align_corners=False)
-    background = background[0, 0]
+        background = cv2.resize(background, (ink.shape[1], ink.shape[0]), interpolation=cv2.INTER_LINEAR)
     out = ink - background
     if on_paper:
-        out = out / (1.0 - background).clamp(min=0.1)
-    return out.clamp(0.0, 1.0)
+        out = out / np.maximum(1.0 - background, 0.1)
+    return np.clip(out, 0.0, 1.0)
 
 
-def _otsu_threshold(values: np.ndarray) -> float:
-    hist, edges = np.histogram(values, bins=64, range=(0.0, 1.0))
-    centers = (edges[:-1] + edges[1:]) / 2
+def _otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
+    """Otsu's threshold of values in [0, 1], on a histogram of `bins` bins."""
+    hist = np.bincount(np.minimum((values * bins).astype(np.intp), bins - 1).ravel(), minlength=bins).astype(np.float64)
+    centers = (np.arange(bins) + 0.5) / bins
     weight_low = np.cumsum(hist)
     weight_high = weight_low[-1] - weight_low
     mean_low = np.cumsum(hist * centers) / np.maximum(weight_low, 1)
@@ -189,83 +165,108 @@ def estimate_digit_height(mask: np.ndarray) -> float:
     heights = []
     for top, bottom in text_lines(mask):
         band = mask[top:bottom]
-        for left, right in _runs(band.any(axis=0)):
-            rows = np.flatnonzero(band[:, left:right].any(axis=1))
-            heights.append(rows[-1] - rows[0] + 1)
-    heights_arr = np.array(heights, dtype=np.float32)
+        columns = band.any(axis=0)
+        # Per column, the first and last ink row; per piece (run of ink columns), their extremes.
+        first = np.where(columns, band.argmax(axis=0), band.shape[0])
+        last = np.where(columns, band.shape[0] - band[::-1].argmax(axis=0), 0)
+        starts = np.array(_runs(columns))[:, 0]
+        heights.append(np.maximum.reduceat(last, starts) - np.minimum.reduceat(first, starts))
+    heights_arr = np.concatenate(heights).astype(np.float32)
     tall_enough = heights_arr[heights_arr >= 0.4 * heights_arr.max()]  # ignore dots and specks
     return float(np.median(tall_enough))
 
 
-def preprocess_array(gray: np.ndarray) -> Preprocessed:
-    """Canonicalise a grayscale (H, W) image in [0, 1], either polarity. Raises NoInkError if it is blank."""
+def preprocess_array(
+    gray: np.ndarray, digit_height: float = TARGET_DIGIT_HEIGHT, max_size: tuple[int, int] = (MAX_HEIGHT, MAX_WIDTH)
+) -> Preprocessed:
+    """Canonicalise a grayscale (H, W) image in [0, 1], either polarity. Raises NoInkError if it is blank.
+
+    digit_height and max_size (height, width) are the model's: its checkpoint says which.
+    """
     if gray.ndim != 2:
         raise ImageReadError(f"expected a 2D grayscale array, got shape {gray.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(gray, dtype=np.float32))
+    x = np.ascontiguousarray(gray, dtype=np.float32)
     if max(x.shape) > WORKING_SIDE:
         ratio = WORKING_SIDE / max(x.shape)
         x = _resize(x, max(1, round(x.shape[0] * ratio)), max(1, round(x.shape[1] * ratio)))
-    inverted = bool(x.median() > 0.5)
+    # The background is the majority of pixels; a strided sample finds its tone as well as all of them.
+    step = max(1, int(math.sqrt(x.size / 20_000)))
+    inverted = bool(np.median(x[::step, ::step]) > 0.5)
     if inverted:
         x = 1.0 - x
+    return preprocess_ink(x, digit_height, max_size, inverted)
+
+
+def preprocess_ink(
+    x: np.ndarray, digit_height: float = TARGET_DIGIT_HEIGHT, max_size: tuple[int, int] = (MAX_HEIGHT, MAX_WIDTH),
+    inverted: bool = False,
+) -> Preprocessed:
+    """The rest of preprocessing, for an image whose ink is already the bright part (steps 4-6).
+
+    The background is removed, contrast stretched to the brightest ink and a faint
+    floor removed; the ink is found, cropped with MARGIN pixels around it, and
+    rescaled so the digits are digit_height tall, shrunk further if needed to fit
+    max_size. Training's fast path starts here (data.synth), so the model sees what
+    users send. `inverted` says the input was dark ink on paper (see _remove_background).
+    """
     x = _remove_background(x, on_paper=inverted)
     # Decide what is ink on a smoothed copy: pixel noise and paper grain average out, strokes do not.
-    smooth = _box_filter(x[None, None], 3 if min(x.shape) < 150 else 5)[0, 0]
+    smooth = _box_filter(x, 3 if min(x.shape) < 150 else 5)
     peak = float(smooth.max())
     if peak < 0.08:
         raise NoInkError("no ink found: the image is blank or has almost no contrast")
-    x, smooth = (x / peak).clamp(max=1.0), smooth / peak
-    threshold = min(max(_otsu_threshold(smooth.flatten().numpy()), 0.2), 0.6)
+    x, smooth = np.minimum(x / peak, 1.0), smooth / peak
+    threshold = min(max(_otsu_threshold(smooth), 0.2), 0.6)
     floor = threshold / 2
-    x = ((x - floor) / (1 - floor)).clamp(min=0.0)
+    x = np.maximum((x - floor) / (1 - floor), 0.0)
     # Ink: bright itself, in a bright neighbourhood, and not an isolated speck
     # (at least 3 ink pixels in its 3x3 neighbourhood).
-    raw_mask = (x > threshold - floor).float()
-    support = F.avg_pool2d(raw_mask[None, None], 3, stride=1, padding=1)[0, 0] * 9
-    mask = ((raw_mask > 0) & (smooth > threshold) & (support >= 2.5)).numpy()
-    if not mask.any():
-        raise NoInkError("no ink found: only isolated specks")
+    raw_mask = (x > threshold - floor).astype(np.float32)
+    support = cv2.blur(raw_mask, (3, 3), borderType=cv2.BORDER_CONSTANT) * 9
+    mask = (raw_mask > 0) & (smooth > threshold) & (support >= 2.5)
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if len(rows) == 0:
+        raise NoInkError("no ink found: only isolated specks")
     top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     crop_mask = mask[top:bottom, left:right]
-    x = x[top:bottom, left:right] * torch.from_numpy(_dilate(crop_mask, 2))  # drop floor noise far from ink
-    digit_height = estimate_digit_height(crop_mask)
-    scale = TARGET_DIGIT_HEIGHT / digit_height
-    fitted = False
+    near_ink = cv2.dilate(crop_mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(np.float32)
+    x = x[top:bottom, left:right] * near_ink  # drop floor noise far from ink
+    measured = estimate_digit_height(crop_mask)
+    scale = digit_height / measured
+    max_height, max_width = max_size
     height, width = max(1, round(x.shape[0] * scale)), max(1, round(x.shape[1] * scale))
-    fit = min((MAX_HEIGHT - 2 * MARGIN) / height, (MAX_WIDTH - 2 * MARGIN) / width, 1.0)
-    if fit < 1.0:
-        fitted = True
+    fit = min((max_height - 2 * MARGIN) / height, (max_width - 2 * MARGIN) / width, 1.0)
+    fitted = fit < 1.0
+    if fitted:
         scale *= fit
         height, width = max(1, int(height * fit)), max(1, int(width * fit))
-    x = _resize(x, height, width).clamp(0.0, 1.0)
-    x = F.pad(x, (MARGIN,) * 4)
-    return Preprocessed(x.numpy(), inverted, (top, left, bottom, right), scale, digit_height, fitted)
+    x = np.clip(_resize(np.ascontiguousarray(x), height, width), 0.0, 1.0)
+    x = np.pad(x, MARGIN)
+    return Preprocessed(x, inverted, (top, left, bottom, right), scale, measured, fitted)
 
 
-def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    return _max_filter(torch.from_numpy(mask.astype(np.float32)), 2 * radius + 1).numpy()
-
-
-def preprocess_image(image: Image.Image | np.ndarray) -> Preprocessed:
+def preprocess_image(
+    image: Image.Image | np.ndarray, digit_height: float = TARGET_DIGIT_HEIGHT,
+    max_size: tuple[int, int] = (MAX_HEIGHT, MAX_WIDTH),
+) -> Preprocessed:
     """Canonicalise a PIL image or an array (grayscale in [0, 1] or uint8, or RGB/RGBA uint8)."""
     if isinstance(image, Image.Image):
-        return preprocess_array(to_grayscale(image))
+        return preprocess_array(to_grayscale(image), digit_height, max_size)
     array = np.asarray(image)
     if array.ndim == 3:
-        return preprocess_array(to_grayscale(Image.fromarray(array.astype(np.uint8))))
+        return preprocess_array(to_grayscale(Image.fromarray(array.astype(np.uint8))), digit_height, max_size)
     if array.dtype == np.uint8:
-        return preprocess_array(array.astype(np.float32) / 255.0)
-    return preprocess_array(array.astype(np.float32))
+        return preprocess_array(array.astype(np.float32) / 255.0, digit_height, max_size)
+    return preprocess_array(array.astype(np.float32), digit_height, max_size)
 
 
 def batch_images(images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad canonical images to a common size: (B, 1, H, W) floats and a (B, H, W) pixel mask."""
     height = max(im.shape[0] for im in images)
     width = max(im.shape[1] for im in images)
-    batch = torch.zeros(len(images), 1, height, width)
-    mask = torch.zeros(len(images), height, width, dtype=torch.bool)
+    batch = np.zeros((len(images), 1, height, width), dtype=np.float32)
+    mask = np.zeros((len(images), height, width), dtype=bool)
     for i, im in enumerate(images):
-        batch[i, 0, : im.shape[0], : im.shape[1]] = torch.from_numpy(im)
+        batch[i, 0, : im.shape[0], : im.shape[1]] = im
         mask[i, : im.shape[0], : im.shape[1]] = True
-    return batch, mask
+    return torch.from_numpy(batch), torch.from_numpy(mask)

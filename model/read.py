@@ -14,7 +14,7 @@ import sys
 
 from model.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from model.pipeline import SequenceReader
-from model.preprocess import ImageReadError, NoInkError, load_image, preprocess_image
+from model.preprocess import ImageReadError, NoInkError, load_image
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     errors: dict[str, str] = {}
     for path in args.paths:
         try:
-            prepared.append(preprocess_image(load_image(path)))
+            prepared.append(reader.preprocess(load_image(path)))
             good_paths.append(path)
         except (ImageReadError, NoInkError, OSError) as exc:
             errors[path] = str(exc)

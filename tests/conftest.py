@@ -1,4 +1,4 @@
-"""Shared fixtures: MNIST pools (from $DIGIT_READER_DATA or ./data), a tiny trained-for-nothing model,
+"""Shared fixtures: MNIST pools (from $DIGIT_READER_DATA or data/mnist), a tiny trained-for-nothing model,
 and the checkpoint folder the app tests run against."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from model.checkpoint import DEFAULT_CHECKPOINT, checkpoint_paths, save_checkpoint
 from model.network import DigitReader, ModelConfig
-from train.data import load_pools
+from data.mnist import load_pools
 
 TINY = ModelConfig(stem_channels=(8,), patch_size=4, d_model=32, n_heads=2, n_encoder_layers=1, n_decoder_layers=2, max_digits=12)
 DEV_CHECKPOINT_ENV = "DIGIT_READER_DEV_CHECKPOINT"

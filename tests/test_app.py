@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 from streamlit.testing.v1 import AppTest
 
-import train.data
+import data.mnist
 from app_support.checkpoints import CHECKPOINTS_ENV, reader_checkpoints
 from app_support.examples import EXAMPLES_DIR, LABELS_FILE, shipped_example, synthesize_example
 from app_support.inputs import canvas_image, image_digest
@@ -24,7 +24,7 @@ from app_support.visuals import NO_DIGITS, attention_overlay, confidence_chart, 
 from model.checkpoint import checkpoint_paths
 from model.pipeline import ReadResult, SequenceReader
 from model.preprocess import load_image, preprocess_image
-from train.synth import LAYOUTS
+from data.synth import LAYOUTS
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 EXAMPLE_PNG = EXAMPLES_DIR / "strip-clean.png"
@@ -245,9 +245,9 @@ def without_mnist(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """MNIST unavailable: load_pools raises as it does on a machine without the data."""
 
     def missing(*args, **kwargs):
-        raise train.data.DatasetMissingError("MNIST not found under /nowhere/MNIST/raw.")
+        raise data.mnist.DatasetMissingError("MNIST not found under /nowhere/MNIST/raw.")
 
-    monkeypatch.setattr(train.data, "load_pools", missing)
+    monkeypatch.setattr(data.mnist, "load_pools", missing)
     st.cache_resource.clear()
     yield
     st.cache_resource.clear()  # later tests load the real pool again

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import train.loop as train_loop
-import train.synth as synth_module
-from train.data import DatasetMissingError, DigitPool, load_pools
+import data.synth as synth_module
+from data.mnist import DatasetMissingError, DigitPool, load_pools
 from train.evaluate import evaluate_suites, suite_samples
-from train.synth import LAYOUTS, STYLES, AmbiguousLayout, SequenceSynth, reading_order
+from data.synth import LAYOUTS, STYLES, AmbiguousLayout, SequenceSynth, reading_order
 
 
 def test_reading_order_rule():

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from model.checkpoint import load_checkpoint
 from model.network import build_model
 from train import distributed
-from train.batches import IGNORE, Batch, Mixture, TrainingStream, training_batch
+from train.batches import IGNORE, Batch, BatchMaker, Mixture, TrainingStream
 from train.distributed import Placement
 from train.loop import PRESETS, TrainConfig, learning_rate, loss_on, make_optimizer, mixed_precision, train, training_step
 
@@ -71,7 +71,7 @@ def ddp_steps_worker(rank: int, world_size: int, port: int, batches: list[Batch]
             model, optimizer = fresh(cfg)
             ddp = distributed.wrap(model, place)
             for step, batch in enumerate(batches):
-                training_step(ddp, optimizer, share(batch, rank, world_size), cfg, learning_rate(cfg, step), place, mixed_precision(CPU))
+                training_step(ddp, optimizer, [share(batch, rank, world_size)], cfg, learning_rate(cfg, step), place, mixed_precision(CPU))
             if place.is_main:
                 torch.save(params_and_grads(model), Path(out_dir) / f"{name}.pt")
 
@@ -85,8 +85,9 @@ def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
 def test_two_gloo_processes_take_the_step_of_one_process_with_the_global_batch(pools, tmp_path):
     # Multi-line and scattered samples vary in length, so the two halves hold different numbers of
     # target tokens and the loss weighting across ranks matters.
-    mixture = Mixture({"multiline": 0.5, "scatter": 0.5})
-    batches = [training_batch(pools["train"], mixture, 8, seed=1, step=k) for k in range(2)]
+    mixture = Mixture({"multiline": 0.5, "scatter": 0.5}, {"train": 1.0})
+    maker = BatchMaker(pools["train"], mixture, STEM.model, 8, seed=1, bank_size=64)
+    batches = [maker(k)[0] for k in range(2)]
     tokens = [[int((share(b, r, 2).targets != IGNORE).sum()) for r in range(2)] for b in batches]
     assert any(a != b for a, b in tokens), tokens
 
@@ -95,7 +96,7 @@ def test_two_gloo_processes_take_the_step_of_one_process_with_the_global_batch(p
     # Plain ViT: DDP equals one process stepping on the whole global batch.
     model, optimizer = fresh(PLAIN)
     for step, batch in enumerate(batches):
-        training_step(model, optimizer, batch, PLAIN, learning_rate(PLAIN, step), SINGLE, mixed_precision(CPU))
+        training_step(model, optimizer, [batch], PLAIN, learning_rate(PLAIN, step), SINGLE, mixed_precision(CPU))
     assert_close(torch.load(tmp_path / "plain.pt"), params_and_grads(model))
 
     # Conv stem: SyncBatchNorm does not run on CPU, so under gloo each rank normalises its own half.
@@ -114,7 +115,7 @@ def test_two_gloo_processes_take_the_step_of_one_process_with_the_global_batch(p
     assert_close(torch.load(tmp_path / "stem.pt"), params_and_grads(model))
 
 
-RESUME = replace(STEM, steps=4, warmup_steps=1, easy_steps=1, eval_every=2, save_every=2, batch_size=4, val_per_layout=1)
+RESUME = replace(STEM, steps=4, warmup_steps=1, ramp_steps=1, eval_every=2, save_every=2, batch_size=4, val_per_layout=1)
 
 
 def stream_ending_at(steps: int):

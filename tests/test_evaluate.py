@@ -1,7 +1,8 @@
 import json
 
 from model.checkpoint import save_checkpoint
-from train.evaluate import by_length, edit_distance, main, score, suite_samples
+from data.suites import suite_samples
+from train.evaluate import by_length, edit_distance, main, score
 
 
 def test_edit_distance_and_scores():
@@ -13,6 +14,8 @@ def test_edit_distance_and_scores():
     assert abs(result["exact_match"] - 1 / 3) < 1e-9
     assert abs(result["digit_accuracy"] - (1 - 2 / 6)) < 1e-9
     assert abs(result["length_accuracy"] - 2 / 3) < 1e-9
+    p = 1 - 2 / 6
+    assert abs(result["exact_over_p_to_the_l"] - (1 / 3) / ((p**2 + p**3 + p) / 3)) < 1e-9
     assert by_length([[1], [2, 3], [4, 5]], [[1], [2, 3], [4]]) == {
         1: {"n": 1, "exact_match": 1.0}, 2: {"n": 2, "exact_match": 0.5},
     }
@@ -29,7 +32,7 @@ def test_evaluate_command_writes_table_json_and_plots(tmp_path, tiny_reader, cap
     out = tmp_path / "eval"
     main(["--checkpoint", str(checkpoint), "--suites", "grid2x2,strip", "--n", "12", "--beam", "2", "--beam-n", "5", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "| suite | n | exact-match (greedy) | per-digit accuracy | length accuracy | beam (greedy) on first images |" in printed
+    assert "| suite | n | exact-match (greedy) | per-digit accuracy | length accuracy | exact / p^L | beam (greedy) on first images |" in printed
     report = json.loads((out / "results.json").read_text())
     for name in ("grid2x2", "strip"):
         entry = report["suites"][name]
@@ -47,3 +50,21 @@ def test_curves_plot_from_a_metrics_log(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     curves([str(tmp_path), "--out", str(tmp_path / "c.png")])
     assert (tmp_path / "c.png").stat().st_size > 5000
+
+
+def test_compare_prints_one_row_per_run_with_its_speed_and_scores(tmp_path, capsys):
+    from dataclasses import replace
+
+    from train.compare import main as compare
+    from train.loop import PRESETS, train
+
+    cfg = replace(PRESETS["tiny"], steps=4, eval_every=4, save_every=4, val_per_layout=2)
+    for name in ("first", "second"):
+        train(cfg, tmp_path / name)
+    compare([str(tmp_path / "first"), str(tmp_path / "second"), "--suites", "single,grid2x2", "--n", "6", "--out", str(tmp_path / "rows.json")])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| run | digit px / stride |") and table[0].endswith("| single | grid2x2 |")
+    assert len(table) == 2 + 2 and str(tmp_path / "first") in table[2] and str(tmp_path / "second") in table[3]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["reader"]["samples"] for r in rows] == [4 * cfg.batch_size] * 2 and rows[0]["encoder"] is None
+    assert all(0.0 <= r["exact_match"]["grid2x2"] <= 1.0 for r in rows)

@@ -7,7 +7,7 @@ from PIL import Image
 from model.preprocess import (
     MARGIN, TARGET_DIGIT_HEIGHT, ImageReadError, NoInkError, load_image, preprocess_array, preprocess_image,
 )
-from train.synth import STYLES, SequenceSynth
+from data.synth import STYLES, SequenceSynth
 
 
 @pytest.fixture(scope="module")

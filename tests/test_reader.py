@@ -7,7 +7,7 @@ from PIL import Image
 
 from model.checkpoint import save_checkpoint
 from model.read import main
-from train.synth import STYLES, SequenceSynth
+from data.synth import STYLES, SequenceSynth
 
 
 def test_json_lines_and_per_file_errors(tmp_path, pools, tiny_reader, capsys):
@@ -38,3 +38,22 @@ def test_json_lines_and_per_file_errors(tmp_path, pools, tiny_reader, capsys):
     assert main(paths + ["--checkpoint", str(checkpoint)]) == 0
     plain = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in plain] == paths
+
+
+def test_the_reader_preprocesses_at_its_checkpoints_digit_height(tmp_path, pools):
+    """A checkpoint trained at another digit height gets its inputs at that height, not the default."""
+    from dataclasses import replace
+
+    import torch
+
+    from model.network import DigitReader
+    from model.pipeline import SequenceReader
+    from tests.conftest import TINY
+
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(tmp_path / "small", DigitReader(replace(TINY, digit_height=12.0)).eval())
+    sample = SequenceSynth(pools["test"], STYLES["clean"], seed=4).sample("strip", 1, min_digits=4, max_digits=4)[0]
+    prepared = SequenceReader(checkpoint).preprocess(Image.fromarray((sample.image * 255).astype(np.uint8)))
+    assert abs(prepared.digit_height * prepared.scale - 12.0) < 0.5
+    ink_rows = np.flatnonzero((prepared.image > 0.3).any(1))
+    assert abs((ink_rows[-1] - ink_rows[0] + 1) - 12) <= 3

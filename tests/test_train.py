@@ -1,6 +1,7 @@
-"""Training end to end on a tiny model: overfitting one batch, checkpoints, exact resume."""
+"""Training end to end on a tiny model: overfitting one batch, checkpoints, exact resume, time budgets."""
 
 import itertools
+import time
 from dataclasses import replace
 
 import torch
@@ -8,15 +9,15 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.decoding import greedy_decode
 from model.network import DigitReader
-from train.batches import TrainingStream, training_batch
-from train.loop import PRESETS, loss_on, train
+from train.batches import BatchMaker, TrainingStream
+from train.loop import PRESETS, learning_rate, loss_on, train
 from tests.conftest import TINY
 
 
 def test_tiny_model_overfits_one_batch(pools):
     torch.manual_seed(0)
     cfg = replace(PRESETS["tiny"], model=replace(TINY, d_model=64, n_heads=4), label_smoothing=0.0)
-    batch = training_batch(pools["train"], cfg.mixture(), 8, seed=0, step=3)
+    batch = BatchMaker(pools["train"], cfg.mixture(), cfg.model, 8, seed=0, bank_size=64)(3)[0]
     model = DigitReader(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
@@ -51,3 +52,29 @@ def test_short_run_writes_checkpoints_and_resumes_exactly(tmp_path, pools, monke
     assert meta_a["training"]["step"] == meta_b["training"]["step"] == 6
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(x, y, atol=1e-6), name
+
+
+def test_a_budgeted_run_pretrains_the_encoder_then_reads_within_its_budget(tmp_path):
+    cfg = replace(PRESETS["tiny"], steps=10**6, time_budget_s=10.0, pretrain_s=4.0, eval_every=10**6, save_every=10**6)
+    began = time.time()
+    train(cfg, tmp_path / "run")
+    took = time.time() - began
+    encoder = load_checkpoint(tmp_path / "run" / "encoder" / "last.safetensors")[1]["training"]
+    reader = load_checkpoint(tmp_path / "run" / "last.safetensors")[1]["training"]
+    assert encoder["finished"] and reader["finished"] and encoder["step"] > 0 and reader["step"] > 0
+    # Each stage stops early enough for its last validation and checkpoint (within a second here).
+    assert encoder["elapsed_s"] <= 4.0 + 1.0 and encoder["elapsed_s"] + reader["elapsed_s"] <= 10.0 + 1.0
+    assert took <= 10.0 + 4.0  # plus what comes before each stage's clock: the session, imports
+
+    # Resuming a finished run trains nothing more: the encoder stage is skipped, the reader is out of time.
+    train(cfg, tmp_path / "run", resume=True)
+    again = load_checkpoint(tmp_path / "run" / "last.safetensors")[1]["training"]
+    assert again["step"] == reader["step"]
+    assert load_checkpoint(tmp_path / "run" / "encoder" / "last.safetensors")[1]["training"]["step"] == encoder["step"]
+
+
+def test_a_budgeted_schedule_follows_the_clock():
+    cfg = replace(PRESETS["race"], lr=1e-3, min_lr_ratio=0.05, warmup_steps=10)
+    assert learning_rate(cfg, 0, elapsed_s=0.0, budget_s=100.0) == 1e-3 / 10  # warm-up counts steps
+    assert abs(learning_rate(cfg, 500, elapsed_s=50.0, budget_s=100.0) - (0.05e-3 + 0.95e-3 / 2)) < 1e-12
+    assert abs(learning_rate(cfg, 5000, elapsed_s=100.0, budget_s=100.0) - 0.05e-3) < 1e-12  # the floor at the end

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from model.network import ModelConfig
-from train.data import DATA_ROOT_ENV, DatasetMissingError
+from data.mnist import DATA_ROOT_ENV, DatasetMissingError
 from train.loop import PRESETS, TrainConfig, apply_overrides, train
 
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. steps=5000 or model.d_model=192 (repeatable)")
     parser.add_argument("--out", default=None, help="run folder (default runs/PRESET)")
-    parser.add_argument("--data-root", default=None, help=f"MNIST root (default ${DATA_ROOT_ENV} or ./data)")
+    parser.add_argument("--data-root", default=None, help=f"MNIST root (default ${DATA_ROOT_ENV} or data/mnist)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     args = parser.parse_args(argv)
     out = Path(args.out or f"runs/{args.preset}")

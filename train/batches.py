@@ -1,22 +1,23 @@
 """From generated samples to model tensors, and the stream of training batches.
 
 Batch k of a run is a pure function of (seed, k): its layout, style and digits
-come from generators seeded with both. Resuming at step k therefore sees exactly
+come from generators seeded with both, and its digits from a bank rebuilt from
+(seed, k // bank_steps). Resuming at step k therefore sees exactly
 the batches an uninterrupted run would have seen, and a DataLoader worker can
 make batches ahead of the training loop without sharing any state with it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from model.network import BOS, EOS, PAD
-from model.preprocess import NoInkError, batch_images, preprocess_array
-from train.data import DigitPool
-from train.synth import STYLES, Sample, SequenceSynth
+from data.mnist import DigitPool
+from data.synth import MNIST_DIGIT_HEIGHT, STYLES, DigitBank, Sample, SequenceSynth
+from model.network import BOS, EOS, PAD, ModelConfig
+from model.preprocess import MARGIN, NoInkError, batch_images, preprocess_array
 
 IGNORE = -100  # target value the loss skips
 
@@ -34,109 +35,144 @@ class Batch:
 def sequence_tensors(digits: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forcing inputs and targets for digit lists."""
     length = max(len(d) for d in digits) + 1
-    tokens = torch.full((len(digits), length), PAD, dtype=torch.long)
-    targets = torch.full((len(digits), length), IGNORE, dtype=torch.long)
+    tokens = np.full((len(digits), length), PAD, dtype=np.int64)
+    targets = np.full((len(digits), length), IGNORE, dtype=np.int64)
     for i, seq in enumerate(digits):
-        tokens[i, : len(seq) + 1] = torch.tensor([BOS, *seq])
-        targets[i, : len(seq) + 1] = torch.tensor([*seq, EOS])
-    return tokens, targets
+        tokens[i, : len(seq) + 1] = [BOS, *seq]
+        targets[i, : len(seq) + 1] = [*seq, EOS]
+    return torch.from_numpy(tokens), torch.from_numpy(targets)
 
 
-def canonical_images(samples: list[Sample]) -> list[np.ndarray]:
-    """Preprocess generated images exactly as user images are preprocessed.
+def canonical_images(samples: list[Sample], model: ModelConfig) -> list[np.ndarray]:
+    """Raw samples preprocessed exactly as user images are, for the model `model` describes.
 
     A sample whose ink vanished (possible only under extreme contrast and noise)
-    falls back to its clean canvas size of zeros, which the model must read as
-    whatever it holds; this happens in well under 0.1% of training samples.
+    falls back to a blank digit-sized image, which the model must read as whatever
+    it holds; this happens in well under 0.1% of samples.
     """
     out = []
+    max_size = (model.max_image_height, model.max_image_width)
     for sample in samples:
         try:
-            out.append(preprocess_array(sample.image).image)
+            out.append(preprocess_array(sample.image, model.digit_height, max_size).image)
         except NoInkError:
-            out.append(np.zeros((28, 28), dtype=np.float32))
+            side = int(model.digit_height) + 2 * MARGIN
+            out.append(np.zeros((side, side), dtype=np.float32))
     return out
 
 
-def collate(samples: list[Sample]) -> Batch:
-    images, mask = batch_images(canonical_images(samples))
-    digits = [s.digits for s in samples]
+def collate(images: list[np.ndarray], digits: list[list[int]], layout: str) -> Batch:
+    """Canonical images and their digits as model tensors."""
+    batch, mask = batch_images(images)
     tokens, targets = sequence_tensors(digits)
-    return Batch(images, mask, tokens, targets, digits, samples[0].layout)
+    return Batch(batch, mask, tokens, targets, digits, layout)
 
 
 @dataclass
 class Mixture:
-    """What the training stream draws from: layout weights and the share of clean (unaugmented) batches."""
+    """What the training stream draws from: layout weights, style weights, and how long sequences get."""
 
     layouts: dict[str, float]
-    clean_share: float = 0.2
-    max_digits: int = 10
-    max_lines: int = 3
-    max_per_line: int = 5
+    styles: dict[str, float]
+    max_digits: int = 16  # longest strip
+    max_lines: int = 4
+    max_per_line: int = 8
+    max_total: int = 24  # most digits on a multi-line image
 
-    def batch_options(self, layout: str, rng: np.random.Generator) -> dict:
+    def at(self, step: int, ramp_steps: int) -> "Mixture":
+        """The mixture at a step of a length curriculum: strips start at 4 digits and multi-line images
+        at 2 lines of at most 4, growing linearly to the full lengths at ramp_steps. A cold decoder first
+        learns to attend to one digit per step on short sequences; thrown long ones at once, it sits at
+        the unigram loss for hundreds of steps."""
+        if step >= ramp_steps:
+            return self
+        progress = step / ramp_steps
+        grow = lambda start, end: min(end, start + int(progress * (end - start + 1)))  # noqa: E731 - one-line ramp
+        return replace(
+            self, max_digits=grow(4, self.max_digits), max_lines=grow(2, self.max_lines),
+            max_per_line=grow(4, self.max_per_line), max_total=grow(8, self.max_total),
+        )
+
+    def group_options(self, layout: str, rng: np.random.Generator) -> dict:
+        """Layout options for one group of a step: one strip length, one number of lines, so padding stays small."""
         if layout == "strip":
-            # One length per batch keeps padding small; lengths still vary across batches.
             n = int(rng.integers(1, self.max_digits + 1))
             return {"min_digits": n, "max_digits": n}
         if layout == "multiline":
-            return {"max_lines": self.max_lines, "max_per_line": self.max_per_line}
+            lines = int(rng.integers(2, self.max_lines + 1))
+            return {"min_lines": lines, "max_lines": lines, "max_per_line": self.max_per_line, "max_total": self.max_total}
         return {}
 
 
-# The first batches of a run: short sequences, mostly clean. A cold model must
-# first learn what a digit is and to attend to one place per step; on the full
-# mixture it sits at the unigram loss for hundreds of steps before that happens.
-WARMUP_MIXTURE = Mixture({"single": 0.3, "grid2x2": 0.3, "strip": 0.4}, clean_share=0.6, max_digits=4)
+class BatchMaker:
+    """Makes step number `step` of the stream a run with this seed sees, as a pure function of (seed, step).
 
-
-def training_batch(
-    pool: DigitPool, mixture: Mixture, batch_size: int, seed: int, step: int, easy_steps: int = 0,
-    rank: int = 0, world_size: int = 1,
-) -> Batch:
-    """Rank `rank`'s share of batch number `step` of the stream a run with this seed sees.
-
-    batch_size is the global batch; each of world_size ranks makes batch_size / world_size
-    samples. The layout, style and strip length of a step are drawn from (seed, step)
-    alone, so every rank trains on the same kind of sample and takes about as long
-    as the others; the digits and augmentations come from a generator of the rank's
-    own. With one process the stream is the single-process stream, sample for sample.
-    WARMUP_MIXTURE replaces the mixture before easy_steps.
+    A step is `groups` micro-batches, each of its own layout and style (drawn from
+    the mixture), so one optimiser step sees several kinds of image while each
+    micro-batch, padded to its own largest image, wastes little work on padding.
+    The kinds are drawn from (seed, step) alone, so every rank of a distributed
+    run trains on the same kinds; the digits and augmentations come from a
+    generator of the rank's own. Digits come from one DigitBank per style, rebuilt
+    from (seed, style, step // bank_steps), so resuming at step k sees exactly the
+    batches an uninterrupted run saw. With one process the stream is the
+    single-process stream, sample for sample.
     """
-    rng = np.random.default_rng([seed, step])
-    if step < easy_steps:
-        mixture = WARMUP_MIXTURE
-    names = list(mixture.layouts)
-    weights = np.array([mixture.layouts[n] for n in names], dtype=np.float64)
-    layout = names[int(rng.choice(len(names), p=weights / weights.sum()))]
-    style = STYLES["clean"] if rng.random() < mixture.clean_share else STYLES["train"]
-    synth_seed = int(rng.integers(2**62, size=world_size)[rank])  # element 0 is the one-process seed
-    synth = SequenceSynth(pool, style, seed=synth_seed)
-    return collate(synth.sample(layout, batch_size // world_size, **mixture.batch_options(layout, rng)))
+
+    def __init__(
+        self, pool: DigitPool, mixture: Mixture, model: ModelConfig, batch_size: int, seed: int, ramp_steps: int = 0,
+        rank: int = 0, world_size: int = 1, groups: int = 1, bank_size: int = 2048, bank_steps: int = 64,
+    ):
+        if batch_size % (groups * world_size):
+            raise ValueError(
+                f"the global batch_size {batch_size} does not split evenly into {groups} groups over {world_size} processes; "
+                f"choose a multiple of {groups * world_size} (--set batch_size=...), or other group or process counts"
+            )
+        self.pool, self.mixture, self.batch_size, self.seed, self.ramp_steps = pool, mixture, batch_size, seed, ramp_steps
+        self.rank, self.world_size, self.groups, self.bank_steps = rank, world_size, groups, bank_steps
+        self.digit_height = model.digit_height
+        self.max_size = (model.max_image_height, model.max_image_width)
+        unit = model.digit_height / MNIST_DIGIT_HEIGHT
+        self.banks = {
+            name: DigitBank(pool, STYLES[name], unit, bank_size, seed=seed * 1000 + 100 * rank + i)
+            for i, name in enumerate(sorted(STYLES))
+        }
+
+    def samples(self, step: int) -> list[list[Sample]]:
+        """This rank's samples of step `step`, one list per group."""
+        rng = np.random.default_rng([self.seed, step])
+        mixture = self.mixture.at(step, self.ramp_steps)
+        groups = []
+        for _ in range(self.groups):
+            layout = _weighted_choice(mixture.layouts, rng)
+            style = _weighted_choice(mixture.styles, rng)
+            options = mixture.group_options(layout, rng)
+            synth_seed = int(rng.integers(2**62, size=self.world_size)[self.rank])  # element 0 is the one-process seed
+            synth = SequenceSynth(self.pool, STYLES[style], seed=synth_seed)
+            bank = self.banks[style].at(step // self.bank_steps)
+            size = self.batch_size // (self.groups * self.world_size)
+            groups.append(synth.canonical(layout, size, bank, self.digit_height, self.max_size, **options))
+        return groups
+
+    def __call__(self, step: int) -> list[Batch]:
+        """This rank's share of step `step`: one Batch per group."""
+        return [collate([s.image for s in group], [s.digits for s in group], group[0].layout) for group in self.samples(step)]
+
+
+def _weighted_choice(weights: dict[str, float], rng: np.random.Generator) -> str:
+    names = list(weights)
+    p = np.array([weights[n] for n in names], dtype=np.float64)
+    return names[int(rng.choice(len(names), p=p / p.sum()))]
 
 
 class TrainingStream(torch.utils.data.IterableDataset):
-    """Rank `rank`'s shares of batches start_step, start_step+1, ... of a run, for a DataLoader worker to make ahead."""
+    """A rank's shares of steps start_step, start_step+1, ... of a run, for a DataLoader worker to make ahead."""
 
-    def __init__(
-        self, pool: DigitPool, mixture: Mixture, batch_size: int, seed: int, start_step: int, end_step: int, easy_steps: int = 0,
-        rank: int = 0, world_size: int = 1,
-    ):
+    def __init__(self, maker: BatchMaker, start_step: int, end_step: int):
         super().__init__()
-        if batch_size % world_size:
-            raise ValueError(
-                f"the global batch_size {batch_size} does not split evenly over {world_size} processes; "
-                f"choose a multiple of {world_size} (--set batch_size=...) or another process count"
-            )
-        self.pool, self.mixture, self.batch_size = pool, mixture, batch_size
-        self.seed, self.start_step, self.end_step, self.easy_steps = seed, start_step, end_step, easy_steps
-        self.rank, self.world_size = rank, world_size
+        self.maker, self.start_step, self.end_step = maker, start_step, end_step
 
     def __iter__(self):
         if torch.utils.data.get_worker_info() is not None:
             torch.set_num_threads(1)  # a worker shares the cores with the training step
         for step in range(self.start_step, self.end_step):
-            yield training_batch(
-                self.pool, self.mixture, self.batch_size, self.seed, step, self.easy_steps, self.rank, self.world_size
-            )
+            yield self.maker(step)

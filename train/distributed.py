@@ -109,3 +109,24 @@ def all_ranks_sum(value: torch.Tensor) -> torch.Tensor:
     total = value.detach().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total
+
+
+def agree_on_clock(place: Placement, elapsed_s: float, deadline_s: float) -> tuple[float, bool]:
+    """(elapsed seconds, whether the deadline has passed), as rank 0 sees them, on every rank.
+
+    A run on a time budget schedules its learning rate by the clock; ranks whose
+    clocks differ would step with different rates and stop at different steps,
+    so rank 0's clock rules. No deadline (0) never stops.
+    """
+    stop = deadline_s > 0 and elapsed_s >= deadline_s
+    if not place.distributed or deadline_s <= 0:
+        return elapsed_s, stop
+    mine = torch.tensor([elapsed_s, float(stop)] if place.is_main else [0.0, 0.0], dtype=torch.float64, device=place.device)
+    clock, flag = all_ranks_sum(mine).tolist()
+    return clock, flag > 0
+
+
+def barrier(place: Placement) -> None:
+    """Wait until every rank gets here (a no-op in one process)."""
+    if place.distributed:
+        dist.barrier()

@@ -14,58 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from data.mnist import DATA_ROOT_ENV, load_pools
+from data.suites import CORE_SUITES, SUITES, suite_samples
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from model.decoding import beam_search, greedy_decode
-from model.network import DigitClassifier
+from model.network import DigitClassifier, ModelConfig
 from model.preprocess import batch_images
 from train.batches import canonical_images
-from train.data import DATA_ROOT_ENV, load_pools
-from train.synth import STYLES, Sample, SequenceSynth
-
-
-@dataclass(frozen=True)
-class Suite:
-    layout: str
-    style: str
-    options: dict = field(default_factory=dict)
-    description: str = ""
-
-
-SUITES: dict[str, Suite] = {
-    "mnist-test": Suite("mnist", "clean", {}, "the 10,000 MNIST test digits as published, each once"),
-    "single": Suite("single", "clean", {}, "one MNIST digit, 28x28"),
-    "grid2x2": Suite("grid2x2", "clean", {}, "four digits in a 2x2 grid, 56x56"),
-    "strip": Suite("strip", "clean", {"min_digits": 1, "max_digits": 10}, "a line of 1-10 digits, random spacing"),
-    "multiline": Suite("multiline", "clean", {"max_lines": 3, "max_per_line": 5}, "2-3 lines of 1-5 digits"),
-    "scatter": Suite("scatter", "clean", {"scatter_digits": 2, "canvas": 100}, "two digits anywhere on 100x100"),
-    "single-hard": Suite("single", "hard", {}, "single, strong augmentation"),
-    "grid2x2-hard": Suite("grid2x2", "hard", {}, "grid2x2, strong augmentation"),
-    "strip-hard": Suite("strip", "hard", {"min_digits": 1, "max_digits": 10}, "strip, strong augmentation"),
-    "multiline-hard": Suite("multiline", "hard", {"max_lines": 3, "max_per_line": 5}, "multiline, strong augmentation"),
-    "scatter-hard": Suite("scatter", "hard", {"scatter_digits": 2, "canvas": 100}, "scatter, strong augmentation"),
-    "drawn": Suite("strip", "drawn", {"min_digits": 3, "max_digits": 8}, "3-8 digits re-drawn as round-brush strokes, 3-6x scale"),
-    "photo": Suite("strip", "photo", {"min_digits": 3, "max_digits": 8}, "3-8 digits, dark ink on lit paper, blur, JPEG, 2-4x"),
-}
-CORE_SUITES = ["mnist-test", "single", "grid2x2", "strip", "multiline", "scatter"]
-
-
-def suite_samples(name: str, pool, n: int, seed: int = 0, chunk: int = 256) -> list[Sample]:
-    """The suite's n samples: the same images for the same (name, n, seed)."""
-    suite = SUITES[name]
-    if suite.layout == "mnist":
-        images = pool.images[:n].float().div(255.0).numpy()
-        return [Sample(image, [int(label)], [(0, 0, 28, 28)], "single") for image, label in zip(images, pool.labels[:n].tolist())]
-    synth = SequenceSynth(pool, STYLES[suite.style], seed=seed * 1000 + sorted(SUITES).index(name))
-    samples: list[Sample] = []
-    while len(samples) < n:
-        samples += synth.sample(suite.layout, min(chunk, n - len(samples)), **suite.options)
-    return samples
 
 
 def edit_distance(a: list[int], b: list[int]) -> int:
@@ -101,12 +61,18 @@ def predict(model, images: list[np.ndarray], batch_size: int = 128, beam: int = 
 
 
 def score(truth: list[list[int]], predicted: list[list[int]]) -> dict:
+    """Exact-match, per-digit accuracy p (1 - edit distance / digits), length accuracy, and exact-match
+    over the mean of p^L: how it compares with digits read independently at accuracy p (1 = as if independent)."""
     edits = sum(edit_distance(t, p) for t, p in zip(truth, predicted))
     total = sum(len(t) for t in truth)
+    exact = float(np.mean([t == p for t, p in zip(truth, predicted)]))
+    digit_accuracy = 1.0 - edits / total
+    independent = float(np.mean([max(digit_accuracy, 0.0) ** len(t) for t in truth]))
     return {
-        "exact_match": float(np.mean([t == p for t, p in zip(truth, predicted)])),
-        "digit_accuracy": 1.0 - edits / total,
+        "exact_match": exact,
+        "digit_accuracy": digit_accuracy,
         "length_accuracy": float(np.mean([len(t) == len(p) for t, p in zip(truth, predicted)])),
+        "exact_over_p_to_the_l": exact / independent if independent > 0 else 0.0,
     }
 
 
@@ -133,7 +99,7 @@ def evaluate_suites(model, pools, names: list[str], n: int, seed: int, beam: int
     results = {}
     for name in names:
         samples = suite_samples(name, pools["test"], n, seed)
-        images = canonical_images(samples)
+        images = canonical_images(samples, model.cfg)
         truth = [s.digits for s in samples]
         greedy, seconds = predict(model, images, batch_size)
         entry = {"suite": name, "n": len(samples), **score(truth, greedy), "images_per_s": len(samples) / seconds}
@@ -158,8 +124,8 @@ def markdown_table(results: dict) -> str:
     has_beam = any("beam_exact_match" in r for r in results.values())
     beam_header = " beam (greedy) on first images |" if has_beam else ""
     rows = [
-        "| suite | n | exact-match (greedy) | per-digit accuracy | length accuracy |" + beam_header + " images/s |",
-        "|---|---:|---:|---:|---:|" + ("---:|" if has_beam else "") + "---:|",
+        "| suite | n | exact-match (greedy) | per-digit accuracy | length accuracy | exact / p^L |" + beam_header + " images/s |",
+        "|---|---:|---:|---:|---:|---:|" + ("---:|" if has_beam else "") + "---:|",
     ]
     for name, r in results.items():
         beam = ""
@@ -168,12 +134,12 @@ def markdown_table(results: dict) -> str:
                     if "beam_exact_match" in r else " - |")
         rows.append(
             f"| {name} | {r['n']} | {100 * r['exact_match']:.2f}% | {100 * r['digit_accuracy']:.2f}% | "
-            f"{100 * r['length_accuracy']:.2f}% |{beam} {r['images_per_s']:.0f} |"
+            f"{100 * r['length_accuracy']:.2f}% | {r['exact_over_p_to_the_l']:.3f} |{beam} {r['images_per_s']:.0f} |"
         )
     return "\n".join(rows)
 
 
-def save_plots(results: dict, out_dir: Path, pools, n: int, seed: int) -> list[Path]:
+def save_plots(results: dict, out_dir: Path, pools, n: int, seed: int, cfg: ModelConfig) -> list[Path]:
     """Accuracy against length (strip suites), the confusion matrix, and an error gallery."""
     import matplotlib
 
@@ -218,11 +184,11 @@ def save_plots(results: dict, out_dir: Path, pools, n: int, seed: int) -> list[P
     fig.savefig(path, dpi=120)
     plt.close(fig)
     written.append(path)
-    written.append(error_gallery(results, out_dir / "errors.png", pools, n, seed))
+    written.append(error_gallery(results, out_dir / "errors.png", pools, n, seed, cfg))
     return written
 
 
-def error_gallery(results: dict, path: Path, pools, n: int, seed: int, per_suite: int = 6) -> Path:
+def error_gallery(results: dict, path: Path, pools, n: int, seed: int, cfg: ModelConfig, per_suite: int = 6) -> Path:
     """A grid of misread images (as the model saw them) with the true and predicted digits."""
     import matplotlib
 
@@ -235,7 +201,7 @@ def error_gallery(results: dict, path: Path, pools, n: int, seed: int, per_suite
             continue
         samples = suite_samples(name, pools["test"], n, seed)
         for err in r["errors"][:per_suite]:
-            image = canonical_images([samples[err["index"]]])[0]
+            image = canonical_images([samples[err["index"]]], cfg)[0]
             picked.append((name, image, err["truth"], err["predicted"]))
     cols = 4
     rows = max(1, -(-len(picked) // cols))
@@ -262,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--beam", type=int, default=0, help="also score beam search of this width ...")
     parser.add_argument("--beam-n", type=int, default=500, help="... on the first this many images of each suite")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--data-root", default=None, help=f"MNIST root (default ${DATA_ROOT_ENV} or ./data)")
+    parser.add_argument("--data-root", default=None, help=f"MNIST root (default ${DATA_ROOT_ENV} or data/mnist)")
     parser.add_argument("--out", default="out/eval", help="folder for results.json and plots")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
@@ -284,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
               "torch_threads": torch.get_num_threads(), "suites": results, "table": table}
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     if not args.no_plots:
-        for path in save_plots(results, out, pools, args.n, args.seed):
+        for path in save_plots(results, out, pools, args.n, args.seed, model.cfg):
             print(f"wrote {path}")
     print(f"wrote {out / 'results.json'}")
 

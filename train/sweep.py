@@ -26,7 +26,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from train.data import DATA_ROOT_ENV
+from data.mnist import DATA_ROOT_ENV
 from train.loop import PRESETS, TrainConfig, apply_overrides, train
 
 HEAD_WIDTH = 32  # attention heads are d_model / HEAD_WIDTH wide (at least one head)
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="fix a setting the space does not draw, e.g. steps=2000 (repeatable)")
     parser.add_argument("--wandb", action="store_true", help="also log every trial to wandb (offline unless WANDB_MODE is set)")
-    parser.add_argument("--data-root", default=None, help=f"MNIST root (default ${DATA_ROOT_ENV} or ./data)")
+    parser.add_argument("--data-root", default=None, help=f"MNIST root (default ${DATA_ROOT_ENV} or data/mnist)")
     args = parser.parse_args(argv)
     out = Path(args.out or f"runs/sweeps/{args.study}")
     out.mkdir(parents=True, exist_ok=True)
