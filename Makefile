@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA ?= $(or $(DIGIT_READER_DATA),data)
 export DIGIT_READER_DATA := $(DATA)
 
-.PHONY: setup test app read eval train race bench-train benchmark clean
+.PHONY: setup test app read eval train race bench-train benchmark screenshots clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench-train: setup
 
 benchmark: setup
 	$(PY) -m benchmarks.decoding
+
+screenshots: setup
+	DIGIT_READER_SCREENSHOTS=docs/screenshots $(PY) -m pytest -q tests/test_browser.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache out

@@ -64,7 +64,7 @@ def test_compare_prints_one_row_per_run_with_its_speed_and_scores(tmp_path, caps
     compare([str(tmp_path / "first"), str(tmp_path / "second"), "--suites", "single,grid2x2", "--n", "6", "--out", str(tmp_path / "rows.json")])
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| run | digit px / stride |") and table[0].endswith("| single | grid2x2 |")
-    assert len(table) == 2 + 2 and str(tmp_path / "first") in table[2] and str(tmp_path / "second") in table[3]
+    assert len(table) == 1 + 2 and str(tmp_path / "first") in table[1] and str(tmp_path / "second") in table[2]
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["reader"]["samples"] for r in rows] == [4 * cfg.batch_size] * 2 and rows[0]["encoder"] is None
     assert all(0.0 <= r["exact_match"]["grid2x2"] <= 1.0 for r in rows)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data.mnist import DigitPool, load_pools
+from data.synth import STYLES, SequenceSynth
 from model.checkpoint import CheckpointError, load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from model.decoding import greedy_decode
 from model.network import DigitClassifier, DigitReader, ModelConfig, build_model, count_parameters
 from train import distributed
-from data.mnist import DigitPool, load_pools
-from data.synth import STYLES, SequenceSynth
 from train.batches import IGNORE, Batch, BatchMaker, Mixture, TrainingStream, canonical_images, collate
 from train.distributed import Placement
 
@@ -98,6 +98,8 @@ PRESETS: dict[str, TrainConfig] = {
         eval_every=2000, save_every=500,
     ),
 }
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name != "auto":
         return torch.device(name)
@@ -427,6 +429,8 @@ def _train(
     if place.is_main:
         if scored_at != completed:
             metrics = evaluate(completed)
+            if on_validation is not None:
+                on_validation(completed, metrics)  # the run ends here whatever it answers
         snapshot(completed, metrics, done=ended or completed == cfg.steps)
         log.close()
     return metrics
