@@ -444,7 +444,7 @@ class SequenceSynth:
             try:
                 prepared = (preprocess_array if roundtrip else preprocess_ink)(source, digit_height, max_size)
             except NoInkError:
-                # Extreme contrast and noise can erase every stroke (well under 0.1% of samples);
+                # Extreme contrast and noise can leave no stroke that preprocessing calls ink;
                 # the clean canvas stands in.
                 source = canvas
                 prepared = preprocess_ink(canvas, digit_height, max_size)
@@ -466,7 +466,7 @@ class SequenceSynth:
             x = x + rng.normal(0, rng.uniform(0.02, 0.12), size=x.shape).astype(np.float32)
         x = np.clip(x, 0, 1)
         if self._chance(style.jpeg_prob):
-            ok, encoded = cv2.imencode(".jpg", (x * 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(30, 90))])
+            _, encoded = cv2.imencode(".jpg", (x * 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(30, 90))])
             x = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255.0
         return x
 
