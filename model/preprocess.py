@@ -117,15 +117,17 @@ def _remove_background(ink: np.ndarray, on_paper: bool) -> np.ndarray:
     """Remove a smooth background from an ink-bright image.
 
     The estimate is a grayscale opening (erode, then dilate) with a window a fifth
-    of the short side, far wider than any stroke, so strokes vanish from it while
-    gradients and shadows stay; it runs on a copy about 32 px on the short side.
+    of the short side and at least 9 px, far wider than any stroke, so strokes vanish
+    from it while gradients and shadows stay; it runs on a copy about 32 px on the
+    short side. (At 5 px, the bold strokes of a 28x28 MNIST digit survived the
+    opening and were hollowed out: 0.7 points of MNIST test accuracy.)
     Light falling on paper multiplies what the camera sees, so for inverted paper
     images the result is divided by the local paper brightness as well.
     """
     short = min(ink.shape)
     factor = max(1, short // 32)
     small = _resize(ink, -(-ink.shape[0] // factor), -(-ink.shape[1] // factor)) if factor > 1 else ink
-    kernel = max(5, int(0.2 * min(small.shape))) | 1
+    kernel = max(9, int(0.2 * min(small.shape))) | 1
     window = np.ones((kernel, kernel), np.uint8)
     background = _box_filter(cv2.dilate(cv2.erode(small, window), window), kernel)
     if factor > 1:

@@ -107,3 +107,17 @@ def test_corrupt_and_oversized_files_give_clear_errors():
     big = Image.new("1", (8000, 6000))
     with pytest.raises(ImageReadError, match="limit"):
         load_image(_encode(big, "PNG"))
+
+
+def test_bold_strokes_of_a_small_clean_image_are_not_hollowed(pools):
+    """A clean, small image has no background to remove: the background estimate must not eat into bold
+    strokes. (A 5 px opening window left the strokes of bold 28x28 MNIST digits in the estimate and
+    hollowed them out.)"""
+    import cv2
+
+    bold = np.zeros((28, 28), dtype=np.float32)
+    cv2.circle(bold, (14, 14), 8, 1.0, thickness=6)  # a bold "0", strokes 6 px wide
+    out = preprocess_array(bold).image
+    ink = out[MARGIN:-MARGIN, MARGIN:-MARGIN]
+    ring = cv2.resize(bold, (ink.shape[1], ink.shape[0]), interpolation=cv2.INTER_AREA) > 0.9
+    assert ink[ring].mean() > 0.9  # the middle of every stroke stays full-bright
