@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from data.mnist import DigitPool, load_pools
 from data.synth import STYLES, SequenceSynth
-from model.checkpoint import CheckpointError, load_checkpoint, load_training_state, save_checkpoint, save_training_state
+from model.checkpoint import CheckpointError, load_checkpoint, load_training_state, read_meta, save_checkpoint, save_training_state
 from model.decoding import greedy_decode
 from model.network import DigitClassifier, DigitReader, ModelConfig, build_model, count_parameters
 from train import distributed
@@ -304,13 +304,13 @@ def train(
             distributed.barrier(place)
             init_encoder = str(encoder)
             if budget:
-                budget -= load_checkpoint(encoder)[1]["training"]["elapsed_s"]
+                budget -= read_meta(encoder)["training"]["elapsed_s"]
         return _train(cfg, out, place, data_root, resume and (out / "last.safetensors").exists(), on_validation, budget, init_encoder)
 
 
 def finished(checkpoint: Path) -> bool:
     """Whether the run that writes this checkpoint has ended (rather than been interrupted)."""
-    return checkpoint.exists() and bool(load_checkpoint(checkpoint)[1]["training"].get("finished"))
+    return checkpoint.exists() and bool(read_meta(checkpoint)["training"].get("finished"))
 
 
 def _model_for(cfg: TrainConfig, device: torch.device, init_encoder: str, announce: bool) -> DigitReader | DigitClassifier:
