@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> None:
     pool = load_pools(args.data_root, splits=("train",))["train"]
     styles = args.styles.split(",")
     config = ModelConfig(digit_height=args.digit_height)
-    max_size = (config.max_image_height, config.max_image_width)
     options = {"strip": {"min_digits": 3, "max_digits": 16}, "multiline": {"max_lines": 4, "max_per_line": 8}}
     fig, axes = plt.subplots(len(styles) * args.per_cell, len(LAYOUTS), figsize=(3.2 * len(LAYOUTS), 1.3 * len(styles) * args.per_cell), squeeze=False)
     for row, style in enumerate(styles):
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.raw:
                 samples = synth.sample(layout, args.per_cell, **opts)
             else:
-                samples = synth.canonical(layout, args.per_cell, bank, args.digit_height, max_size, **opts)
+                samples = synth.canonical(layout, args.per_cell, bank, args.digit_height, config.max_size, **opts)
             for k, sample in enumerate(samples):
                 ax = axes[row * args.per_cell + k, col]
                 ax.imshow(sample.image, cmap="gray", vmin=0, vmax=1)

@@ -61,6 +61,11 @@ class ModelConfig:
             raise ValueError("d_model must be divisible by 4 for the 2D sine-cosine position code")
 
     @property
+    def max_size(self) -> tuple[int, int]:
+        """(height, width) of the largest canvas the reader accepts: what preprocessing fits images into."""
+        return self.max_image_height, self.max_image_width
+
+    @property
     def stride(self) -> int:
         """Pixels of input per token along each axis."""
         return self.patch_size * 2 ** len(self.stem_channels)

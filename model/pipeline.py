@@ -52,7 +52,7 @@ class SequenceReader:
     def preprocess(self, image: Image.Image | np.ndarray) -> Preprocessed:
         """The canonical input this model reads: its own digit height and largest canvas, from its checkpoint."""
         cfg = self.model.cfg
-        return preprocess_image(image, cfg.digit_height, (cfg.max_image_height, cfg.max_image_width))
+        return preprocess_image(image, cfg.digit_height, cfg.max_size)
 
     def read(
         self,

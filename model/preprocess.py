@@ -12,9 +12,9 @@ Steps, each there for a failure seen on real inputs:
 3. polarity: the background is the majority, so a light median means dark ink, which is inverted;
 4. illumination: a morphological opening much wider than a stroke estimates the
    background (shadows, gradients, paper texture); it is subtracted, and on paper
-   also divided out, since light multiplies what the camera sees;
-5. (`preprocess_ink`, where training's fast path joins at step 4) contrast stretched to the
-   brightest ink, faint background floor removed;
+   also divided out, since light multiplies what the camera sees (steps 4-6 are
+   `preprocess_ink`, where training's fast path joins);
+5. contrast stretched to the brightest ink, faint background floor removed;
 6. crop to the ink; the digit height is measured per text line (lines are bands
    of rows with ink, see docs/READING_ORDER.md) and the crop rescaled to the target.
 """

@@ -13,7 +13,7 @@ from model.preprocess import MARGIN, load_image, preprocess_image
 from train.batches import BatchMaker, Mixture
 
 CONFIG = ModelConfig(digit_height=16.0)
-MAX_SIZE = (CONFIG.max_image_height, CONFIG.max_image_width)
+MAX_SIZE = CONFIG.max_size
 
 
 def as_png(image: np.ndarray) -> bytes:

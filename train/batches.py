@@ -51,10 +51,9 @@ def canonical_images(samples: list[Sample], model: ModelConfig) -> list[np.ndarr
     it holds; this happens in well under 0.1% of samples.
     """
     out = []
-    max_size = (model.max_image_height, model.max_image_width)
     for sample in samples:
         try:
-            out.append(preprocess_array(sample.image, model.digit_height, max_size).image)
+            out.append(preprocess_array(sample.image, model.digit_height, model.max_size).image)
         except NoInkError:
             side = int(model.digit_height) + 2 * MARGIN
             out.append(np.zeros((side, side), dtype=np.float32))
@@ -130,7 +129,7 @@ class BatchMaker:
         self.pool, self.mixture, self.batch_size, self.seed, self.ramp_steps = pool, mixture, batch_size, seed, ramp_steps
         self.rank, self.world_size, self.groups, self.bank_steps = rank, world_size, groups, bank_steps
         self.digit_height = model.digit_height
-        self.max_size = (model.max_image_height, model.max_image_width)
+        self.max_size = model.max_size
         unit = model.digit_height / MNIST_DIGIT_HEIGHT
         self.banks = {
             name: DigitBank(pool, STYLES[name], unit, bank_size, seed=seed * 1000 + 100 * rank + i)
