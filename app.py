@@ -50,9 +50,6 @@ READING_STYLE = (
 @st.cache_resource(max_entries=2, show_spinner="Loading the model...")
 def load_reader(path: str, modified_ns: int) -> SequenceReader:
     """The reader of a checkpoint file, loaded once per process and file version (modified_ns keys the cache)."""
-    # One small image per request: extra intra-op threads cost more in synchronisation than they save,
-    # and with other work on the CPU they made greedy decoding 30x slower (450 ms against 15 ms).
-    torch.set_num_threads(1)
     return SequenceReader(path)
 
 
@@ -187,7 +184,7 @@ def show_reading(result: ReadResult, seconds: float, example: Example | None) ->
         )
         time_column.metric(
             "Read in", f"{seconds * 1000:.0f} ms",
-            help=f"Preprocessing, greedy decoding with attention and a beam search of width {BEAM_WIDTH}.",
+            help=f"Preprocessing, and decoding with attention and a beam search of width {BEAM_WIDTH}.",
         )
     with chart_column:
         st.subheader("Confidence per step")
@@ -200,8 +197,6 @@ def show_reading(result: ReadResult, seconds: float, example: Example | None) ->
             hide_index=True,
             column_config={"probability": st.column_config.ProgressColumn("probability", format="percent", min_value=0.0, max_value=1.0)},
         )
-        if result.alternatives and result.alternatives[0].digits != result.digits:
-            st.caption("Beam search ranks another reading above the greedy one shown on the left.")
 
 
 def show_model_input(reader: SequenceReader, image: Image.Image, result: ReadResult) -> None:
@@ -278,10 +273,21 @@ def main() -> None:
     except NoInkError as exc:
         st.info(f"Nothing to read yet: {exc}. Draw bigger or bolder digits, or use a clearer image.")
         return
+    except ImageReadError as exc:
+        st.error(f"This image cannot be read: {exc}")
+        return
+    except Exception as exc:  # noqa: BLE001 - the page must stay usable whatever one image does
+        st.error(f"Reading this image failed unexpectedly ({exc.__class__.__name__}: {exc}). Try another image, and please report this one.")
+        return
     st.divider()
     show_reading(result, seconds, example)
     show_model_input(reader, image, result)
     show_attention(reader, result)
 
 
+# Set once per process, at start-up (Streamlit reruns this script, hence the check). One small image per
+# request: extra intra-op threads cost more in synchronisation than they save, and with other work on the
+# CPU they made greedy decoding 30x slower (450 ms against 15 ms).
+if torch.get_num_threads() != 1:
+    torch.set_num_threads(1)
 main()

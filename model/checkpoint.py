@@ -97,8 +97,19 @@ def read_meta(path: str | os.PathLike) -> dict:
         meta = json.loads(json_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{json_path} is not valid JSON ({exc}); the file is corrupt or truncated") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{json_path} holds a JSON {type(meta).__name__}, not a checkpoint description (an object)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{json_path} has format_version {meta.get('format_version')}, this code reads {FORMAT_VERSION}")
+    return meta
+
+
+def update_meta(path: str | os.PathLike, key: str, value: dict) -> dict:
+    """Set one top-level entry of a checkpoint's JSON (calibration, say) without touching its weights."""
+    _, json_path = checkpoint_paths(path)
+    meta = read_meta(path)
+    meta[key] = value
+    _atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return meta
 
 

@@ -1,7 +1,10 @@
-"""Autoregressive decoding: greedy (with or without the key/value cache) and beam search.
+"""Autoregressive decoding: greedy (with or without the key/value cache), beam search, and `read_batch`,
+the one path by which the app, the CLI, evaluation and training-time validation read.
 
 Every function takes images already preprocessed to the model's canonical form
-(see `model/preprocess.py`) and returns digit lists, never token ids.
+(see `model/preprocess.py`) and returns digit lists, never token ids. Probabilities
+are softmax(logits / temperature): the checkpoint's calibration temperature makes
+them probabilities of being right (see train/calibrate.py).
 """
 
 from __future__ import annotations
@@ -81,13 +84,16 @@ def greedy_decode(
     use_cache: bool = True,
     return_attention: bool = False,
     max_digits: int | None = None,
+    temperature: float = 1.0,
+    encoded: EncodedImages | None = None,
 ) -> list[Reading]:
     """Read a batch greedily, stopping as soon as every sequence has emitted EOS.
 
     use_cache=False recomputes the whole prefix at every step; it exists as the
-    reference the cache is tested and benchmarked against.
+    reference the cache is tested and benchmarked against. `encoded`, if given, is
+    the encoder's output for these images (read_batch shares it with beam search).
     """
-    encoded = model.encoder(images, pixel_mask)
+    encoded = model.encoder(images, pixel_mask) if encoded is None else encoded
     batch = images.shape[0]
     steps = _max_steps(model, max_digits)
     token = torch.full((batch,), BOS, dtype=torch.long, device=images.device)
@@ -102,7 +108,7 @@ def greedy_decode(
             all_logits, all_weights = model.decoder(prefix, encoded, return_attention)
             logits = all_logits[:, -1]
             weights = [w[:, :, -1] for w in all_weights]
-        probs = logits.float().softmax(-1)
+        probs = (logits.float() / temperature).softmax(-1)
         best_prob, token = probs.max(-1)
         token = torch.where(finished, torch.full_like(token, EOS), token)
         trace.tokens.append(token)
@@ -123,13 +129,15 @@ def beam_search(
     pixel_mask: torch.Tensor | None = None,
     beam_size: int = 4,
     max_digits: int | None = None,
+    temperature: float = 1.0,
+    encoded: EncodedImages | None = None,
 ) -> list[list[BeamHypothesis]]:
     """Beam search with the key/value cache; returns each image's finished hypotheses, best first.
 
     Scores are summed log-probabilities (no length penalty: every hypothesis
     pays for its EOS, and digit counts are what the image shows).
     """
-    encoded = model.encoder(images, pixel_mask)
+    encoded = model.encoder(images, pixel_mask) if encoded is None else encoded
     batch, device = images.shape[0], images.device
     steps = _max_steps(model, max_digits)
     # Every image starts with one live beam; the others begin at -inf so the first step fans out.
@@ -146,7 +154,7 @@ def beam_search(
     finished: list[list[BeamHypothesis]] = [[] for _ in range(batch)]
     for step in range(steps):
         logits, _ = model.decoder.step(token, state)
-        log_probs = logits.float().log_softmax(-1)
+        log_probs = (logits.float() / temperature).log_softmax(-1)
         vocab = log_probs.shape[-1]
         if step == steps - 1:  # out of room: only EOS may follow
             forced = torch.full_like(log_probs, float("-inf"))
@@ -185,3 +193,61 @@ def beam_search(
         scores = next_scores
         token = next_tokens.view(-1)
     return finished
+
+
+def _rows(encoded: EncodedImages, rows: list[int]) -> EncodedImages:
+    index = torch.tensor(rows, device=encoded.memory.device)
+    return EncodedImages(encoded.memory.index_select(0, index), encoded.token_mask.index_select(0, index), encoded.grid, encoded.has_padding)
+
+
+@torch.no_grad()
+def score_sequences(
+    model: DigitReader, encoded: EncodedImages, sequences: list[list[int]], return_attention: bool = False,
+    temperature: float = 1.0,
+) -> list[Reading]:
+    """Readings of given digit sequences: one teacher-forced pass gives each step's probability
+    (digits, then EOS) and, if asked, the cross-attention of every step."""
+    length = max(len(seq) for seq in sequences) + 1
+    tokens = torch.full((len(sequences), length), EOS, dtype=torch.long, device=encoded.memory.device)
+    for b, seq in enumerate(sequences):
+        tokens[b, : len(seq) + 1] = torch.tensor([BOS, *seq])
+    logits, weights = model.decoder(tokens, encoded, return_attention)
+    probs = (logits.float() / temperature).softmax(-1)
+    targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], EOS)], dim=1)  # each step's chosen token
+    chosen = probs.gather(-1, targets[..., None])[..., 0].tolist()
+    attention = torch.stack(weights, dim=2) if return_attention else None  # (B, h, L, T, N) -> below
+    readings = []
+    for b, seq in enumerate(sequences):
+        n = len(seq) + 1
+        reading = Reading(digits=list(seq), step_probs=chosen[b][:n], grid=encoded.grid)
+        if attention is not None:
+            steps = attention[b].permute(2, 1, 0, 3)[:n]  # (h, L, T, N) -> (T, L, h, N)
+            reading.attention = steps.reshape(n, *steps.shape[1:3], *encoded.grid)
+        readings.append(reading)
+    return readings
+
+
+@torch.no_grad()
+def read_batch(
+    model: DigitReader, images: torch.Tensor, pixel_mask: torch.Tensor | None = None, beam: int = 0,
+    attention: bool = False, temperature: float = 1.0,
+) -> list[tuple[Reading, list[BeamHypothesis]]]:
+    """Read a batch: (the answer's Reading, the beam's hypotheses best first) per image.
+
+    The encoder runs once; greedy decoding and, with beam > 1, beam search share
+    its output. The answer is the best beam hypothesis when there is a beam, the
+    greedy reading otherwise. Where the beam's answer differs from the greedy one,
+    its Reading (step probabilities and attention) comes from a teacher-forced
+    pass over the answer, so what is shown is always what was answered.
+    """
+    encoded = model.encoder(images, pixel_mask)
+    readings = greedy_decode(model, images, pixel_mask, return_attention=attention, temperature=temperature, encoded=encoded)
+    if beam <= 1:
+        return [(reading, []) for reading in readings]
+    beams = beam_search(model, images, pixel_mask, beam_size=beam, temperature=temperature, encoded=encoded)
+    differ = [i for i, (reading, hyps) in enumerate(zip(readings, beams)) if hyps and hyps[0].digits != reading.digits]
+    if differ:
+        rescored = score_sequences(model, _rows(encoded, differ), [beams[i][0].digits for i in differ], attention, temperature)
+        for i, reading in zip(differ, rescored):
+            readings[i] = reading
+    return list(zip(readings, beams))

@@ -14,16 +14,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from model.decoding import BeamHypothesis, Reading, beam_search, greedy_decode
+from model.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint
+from model.decoding import BeamHypothesis, Reading, read_batch
 from model.network import DigitReader
 from model.preprocess import Preprocessed, batch_images, preprocess_image
 
 
 @dataclass
 class ReadResult:
-    """One image's reading. `reading` holds per-step probabilities (and attention if asked);
-    `alternatives` the beam-search hypotheses, best first, when a beam was asked for."""
+    """One image's reading: the answer (the best beam hypothesis with a beam, else the greedy reading).
+    `reading` holds the answer's per-step probabilities (and attention if asked); `alternatives` the
+    beam-search hypotheses, best first, when a beam was asked for."""
 
     digits: list[int]
     confidence: float
@@ -43,11 +44,16 @@ class SequenceReader:
     def __init__(self, checkpoint: str | os.PathLike = DEFAULT_CHECKPOINT, device: str = "cpu"):
         model, meta = load_checkpoint(checkpoint, device=device)
         if not isinstance(model, DigitReader):
-            raise ValueError(f"{checkpoint} is a {meta['model']['kind']} checkpoint; reading sequences needs a reader")
+            raise CheckpointError(
+                f"{checkpoint} is a {meta['model']['kind']} checkpoint (one digit per image); reading sequences needs a "
+                "reader checkpoint, such as the shipped checkpoints/digit-reader.safetensors"
+            )
         self.model: DigitReader = model
         self.meta = meta
         self.checkpoint = Path(checkpoint)
         self.device = device
+        # Calibration (train/calibrate.py) makes the printed confidence the probability of being right.
+        self.temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
 
     def preprocess(self, image: Image.Image | np.ndarray) -> Preprocessed:
         """The canonical input this model reads: its own digit height and largest canvas, from its checkpoint."""
@@ -61,10 +67,10 @@ class SequenceReader:
         attention: bool = False,
         batch_size: int = 64,
     ) -> list[ReadResult]:
-        """Read images (PIL, arrays, or already preprocessed). Greedy digits always; beam alternatives if beam > 1.
+        """Read images (PIL, arrays, or already preprocessed) through model.decoding.read_batch.
 
-        Raises model.preprocess.NoInkError for a blank image; read_many() turns
-        per-image failures into error entries instead.
+        Raises model.preprocess.NoInkError for a blank image and ImageReadError for
+        an unusable one; preprocess first (as the CLI does) to handle them per image.
         """
         started = time.perf_counter()
         prepared = [im if isinstance(im, Preprocessed) else self.preprocess(im) for im in images]
@@ -75,9 +81,8 @@ class SequenceReader:
             chunk = order[start : start + batch_size]
             batch, mask = batch_images([prepared[i].image for i in chunk])
             batch, mask = batch.to(self.device), mask.to(self.device)
-            readings = greedy_decode(self.model, batch, mask, return_attention=attention)
-            beams = beam_search(self.model, batch, mask, beam_size=beam) if beam > 1 else [[] for _ in chunk]
-            for i, reading, alternatives in zip(chunk, readings, beams):
+            answers = read_batch(self.model, batch, mask, beam=beam, attention=attention, temperature=self.temperature)
+            for i, (reading, alternatives) in zip(chunk, answers):
                 if attention:
                     # Crop the attention grid to this image's own tokens (the batch was padded).
                     stride = self.model.cfg.stride

@@ -24,7 +24,10 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -59,34 +62,96 @@ class Preprocessed:
 
 
 def load_image(source: str | os.PathLike | bytes | io.IOBase) -> Image.Image:
-    """Open a file path, bytes or file object as a PIL image: EXIF orientation applied, first GIF frame."""
+    """Open a file path, bytes or file object as a PIL image: EXIF orientation applied, first GIF frame.
+
+    JPEGs larger than needed are decoded at a reduced scale (Pillow's `draft`), so
+    a 40 MP photo never exists in memory at full size. Every failure is an
+    ImageReadError whose message says what was wrong and what to do.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            raise ImageReadError(f"{path} is a folder, not an image file; give the paths of the images in it")
+        if not path.exists():
+            raise ImageReadError(f"{path} does not exist; check the path")
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
     try:
-        if isinstance(source, (bytes, bytearray)):
-            source = io.BytesIO(source)
-        image = Image.open(source)
-        if image.width * image.height > MAX_INPUT_PIXELS:
-            raise ImageReadError(
-                f"image is {image.width}x{image.height} = {image.width * image.height / 1e6:.0f} MP; "
-                f"the limit is {MAX_INPUT_PIXELS / 1e6:.0f} MP. Downscale it first."
-            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel limit below says it in words
+            image = Image.open(source)
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(
+            f"the image is far too large to open safely (over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP); "
+            f"the limit is {MAX_INPUT_PIXELS / 1e6:.0f} MP. Downscale it first."
+        ) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageReadError("this is not an image file, or not one in a format Pillow reads. Use a PNG, JPEG, WebP, BMP, TIFF or GIF file.") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"cannot open this image ({exc}). Use a PNG, JPEG, WebP, BMP, TIFF or GIF file.") from exc
+    pixels = image.width * image.height
+    if pixels > MAX_INPUT_PIXELS:
+        raise ImageReadError(
+            f"image is {image.width}x{image.height} = {pixels / 1e6:.0f} MP; "
+            f"the limit is {MAX_INPUT_PIXELS / 1e6:.0f} MP. Downscale it first."
+        )
+    if pixels == 0:
+        raise ImageReadError("the image has no pixels (its width or height is 0)")
+    try:
         image.seek(0)  # first frame of animations
+        longest = max(image.size)
+        if image.format == "JPEG" and longest > 2 * WORKING_SIDE:
+            # Decode at 1/2, 1/4 or 1/8 scale, whichever still leaves at least WORKING_SIDE pixels.
+            ratio = WORKING_SIDE / longest
+            image.draft(image.mode, (max(1, round(image.width * ratio)), max(1, round(image.height * ratio))))
         image = ImageOps.exif_transpose(image)
         image.load()
-    except ImageReadError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(
-            f"cannot read this as an image ({exc.__class__.__name__}: {exc}). "
-            "Use a PNG, JPEG, WebP, BMP, TIFF or GIF file."
-        ) from exc
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError) as exc:
+        raise ImageReadError(f"the image data is damaged or incomplete ({exc}). Save or export the image again.") from exc
     return image
 
 
+def _averageable(image: Image.Image) -> Image.Image:
+    """The image in a mode whose pixel values can be averaged (palette indices and 1-bit cannot)."""
+    if image.mode in ("P", "PA"):
+        return image.convert("RGBA")
+    if image.mode == "1":
+        return image.convert("L")
+    if image.mode.startswith("I;16"):
+        return image.convert("I")
+    return image
+
+
+def _unit_range(values: np.ndarray, full_scale: float | None) -> np.ndarray:
+    """Single-channel values mapped to [0, 1] by their real range.
+
+    16-bit modes have a known full scale. Modes "I" and "F" do not say theirs: the
+    smallest of [0, 1], [0, 255] and [0, 65535] that holds the data is taken (what
+    8-bit, float and 16-bit sources produce), else the data's own minimum to maximum.
+    """
+    values = np.nan_to_num(values.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
+    if full_scale is None:
+        low, high = float(values.min()), float(values.max())
+        full_scale = next((scale for scale in (1.0, 255.0, 65535.0) if low >= 0 and high <= scale), None)
+        if full_scale is None:
+            return (values - low) / max(high - low, 1e-12)
+    return np.clip(values / full_scale, 0.0, 1.0)
+
+
 def to_grayscale(image: Image.Image) -> np.ndarray:
-    """(H, W) float32 in [0, 1]. Transparency is flattened onto the colour that contrasts with the strokes."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float32)
-        return array / max(float(array.max()), 1.0)
+    """(H, W) float32 in [0, 1], at most about 2 * WORKING_SIDE on the long side.
+
+    Large images are reduced by whole factors while still 8 or 16 bits a pixel, so
+    no full-size float copy is ever made. Every Pillow mode is read by its real
+    range; transparency is flattened onto the colour that contrasts with the strokes.
+    """
+    full_scale = 65535.0 if image.mode.startswith("I;16") else None
+    image = _averageable(image)
+    factor = max(image.size) // WORKING_SIDE
+    if factor >= 2:
+        image = image.reduce(factor)
+    if image.mode in ("I", "F"):
+        return np.ascontiguousarray(_unit_range(np.asarray(image), full_scale))
     rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
     rgb, alpha = rgba[..., :3], rgba[..., 3:]
     if alpha.min() < 1.0:

@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from model.preprocess import (
-    MARGIN, TARGET_DIGIT_HEIGHT, ImageReadError, NoInkError, load_image, preprocess_array, preprocess_image,
+    MARGIN, TARGET_DIGIT_HEIGHT, WORKING_SIDE, ImageReadError, NoInkError, load_image, preprocess_array, preprocess_image,
+    to_grayscale,
 )
 from data.synth import STYLES, SequenceSynth
 
@@ -99,14 +100,75 @@ def test_transparent_canvas_strokes_are_read():
     assert out.image.max() > 0.9 and out.inverted
 
 
-def test_corrupt_and_oversized_files_give_clear_errors():
-    with pytest.raises(ImageReadError, match="cannot read"):
+def test_corrupt_and_oversized_files_give_clear_errors(tmp_path):
+    with pytest.raises(ImageReadError, match="not an image file"):
         load_image(b"this is not an image")
-    with pytest.raises(ImageReadError, match="cannot read"):
-        load_image(_encode(Image.new("L", (50, 50)), "PNG")[:40])
+    with pytest.raises(ImageReadError, match="damaged or incomplete"):
+        load_image(_encode(Image.new("L", (50, 50)), "PNG")[:60])
     big = Image.new("1", (8000, 6000))
-    with pytest.raises(ImageReadError, match="limit"):
+    with pytest.raises(ImageReadError, match="limit is 40 MP. Downscale it first"):
         load_image(_encode(big, "PNG"))
+    beyond_pillow = Image.new("1", (15000, 13000))  # 195 MP: Pillow itself refuses to open it
+    with pytest.raises(ImageReadError, match="far too large.*Downscale it first"):
+        load_image(_encode(beyond_pillow, "PNG"))
+    with pytest.raises(ImageReadError, match="does not exist"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ImageReadError, match="is a folder"):
+        load_image(tmp_path)
+
+
+def _digits_image() -> Image.Image:
+    """Two dark strokes on white, 8-bit grayscale: a "1" and a "7"-like hook."""
+    gray = np.full((60, 90), 255, dtype=np.uint8)
+    gray[10:50, 20:26] = 0
+    gray[10:16, 50:75] = 0
+    gray[10:50, 69:75] = 0
+    return Image.fromarray(gray)
+
+
+def _in_mode(gray: Image.Image, mode: str) -> Image.Image:
+    values = np.asarray(gray)
+    if mode == "F":
+        return Image.fromarray(values.astype(np.float32) / 255.0, mode="F")
+    if mode.startswith("I;16"):
+        order = ">u2" if mode == "I;16B" else "<u2"
+        return Image.frombytes(mode, gray.size, (values.astype(order) * 257).tobytes())
+    if mode == "I":
+        return Image.fromarray(values.astype(np.int32) * 257, mode="I")
+    if mode == "PA":
+        return gray.convert("LA").convert("PA")
+    return gray.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "I;16", "I;16B", "I;16L", "F"])
+def test_every_pillow_mode_is_read_by_its_real_range(mode):
+    gray = _digits_image()
+    expected = preprocess_image(gray)
+    got = preprocess_image(_in_mode(gray, mode))
+    assert got.inverted == expected.inverted
+    assert got.image.shape == expected.image.shape
+    assert np.abs(got.image - expected.image).max() < 0.05
+
+
+@pytest.mark.parametrize("size", [(1, 1), (8000, 3), (3, 8000), (5000, 2), (2, 5000), (1, 300)])
+def test_images_with_a_one_or_two_pixel_side_never_crash(size):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, size=(size[1], size[0]), dtype=np.uint8))
+    try:
+        out = preprocess_image(image)
+    except NoInkError:
+        return
+    assert out.image.ndim == 2 and out.image.shape[0] > 0 and out.image.shape[1] > 0
+
+
+def test_large_photos_are_reduced_before_any_float_copy():
+    """A 39 MP JPEG is decoded at a reduced scale, and a 39 MP PNG reduced while still 8-bit:
+    neither reaches the float conversion at full size (the peak-memory figure is in benchmarks.bad_inputs)."""
+    photo = Image.new("RGB", (7000, 5600), (230, 230, 230))
+    jpeg = load_image(_encode(photo, "JPEG"))
+    assert max(jpeg.size) <= 2 * WORKING_SIDE
+    gray = to_grayscale(Image.new("L", (7000, 5600), 230))
+    assert max(gray.shape) <= 2 * WORKING_SIDE and gray.dtype == np.float32
 
 
 def test_bold_strokes_of_a_small_clean_image_are_not_hollowed(pools):

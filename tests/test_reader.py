@@ -27,7 +27,7 @@ def test_json_lines_and_per_file_errors(tmp_path, pools, tiny_reader, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert status == 1
     assert [r["path"] for r in lines] == [paths[0], str(broken), paths[1], str(blank), paths[2]]
-    assert "error" in lines[1] and "cannot read" in lines[1]["error"]
+    assert "error" in lines[1] and "not an image file" in lines[1]["error"]
     assert "error" in lines[3] and "no ink" in lines[3]["error"]
     for record in (lines[0], lines[2], lines[4]):
         assert all(isinstance(d, int) and 0 <= d <= 9 for d in record["digits"])

@@ -22,8 +22,8 @@ import torch
 from data.mnist import DATA_ROOT_ENV, load_pools
 from data.suites import CORE_SUITES, SUITES, suite_samples
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from model.decoding import beam_search, greedy_decode
-from model.network import DigitClassifier, ModelConfig
+from model.decoding import read_batch
+from model.network import DigitClassifier, DigitReader, ModelConfig
 from model.preprocess import batch_images
 from train.batches import canonical_images
 
@@ -39,25 +39,29 @@ def edit_distance(a: list[int], b: list[int]) -> int:
 
 
 @torch.no_grad()
-def predict(model, images: list[np.ndarray], batch_size: int = 128, beam: int = 0) -> tuple[list[list[int]], float]:
-    """Greedy predictions (or the best beam hypothesis, if beam > 1) for canonical images; returns (digits, seconds)."""
+def predict(
+    model: DigitReader | DigitClassifier, images: list[np.ndarray], batch_size: int = 128, beam: int = 0,
+    temperature: float = 1.0,
+) -> tuple[list[list[int]], list[float], float]:
+    """Answers for canonical images, read as the app and the CLI read (model.decoding.read_batch: the best
+    beam hypothesis if beam > 1, else greedy); returns (digits, confidences, seconds)."""
     order = sorted(range(len(images)), key=lambda i: images[i].shape)
     predicted: list = [None] * len(images)
+    confidences = [0.0] * len(images)
     seconds = 0.0
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         batch, mask = batch_images([images[i] for i in chunk])
         began = time.perf_counter()
         if isinstance(model, DigitClassifier):
-            outputs = [[int(p)] for p in model(batch, mask).argmax(-1).tolist()]
-        elif beam > 1:
-            outputs = [hyps[0].digits if hyps else [] for hyps in beam_search(model, batch, mask, beam_size=beam)]
+            probs = (model(batch, mask) / temperature).softmax(-1).max(-1)
+            outputs = [([int(d)], float(p)) for p, d in zip(*probs)]
         else:
-            outputs = [r.digits for r in greedy_decode(model, batch, mask)]
+            outputs = [(reading.digits, reading.confidence) for reading, _ in read_batch(model, batch, mask, beam, temperature=temperature)]
         seconds += time.perf_counter() - began
-        for i, out in zip(chunk, outputs):
-            predicted[i] = out
-    return predicted, seconds
+        for i, (digits, confidence) in zip(chunk, outputs):
+            predicted[i], confidences[i] = digits, confidence
+    return predicted, confidences, seconds
 
 
 def score(truth: list[list[int]], predicted: list[list[int]]) -> dict:
@@ -95,19 +99,75 @@ def confusion(truth: list[list[int]], predicted: list[list[int]]) -> np.ndarray:
     return matrix
 
 
-def evaluate_suites(model, pools, names: list[str], n: int, seed: int, beam: int, beam_n: int, batch_size: int) -> dict:
+def error_kinds(truth: list[list[int]], predicted: list[list[int]]) -> dict[str, float]:
+    """Share of images with each kind of error, from a minimal edit alignment of prediction to truth:
+    a wrong digit (substitution), a skipped digit (deletion), an extra digit (insertion), and among the
+    extra ones, a duplicated digit (the inserted digit repeats its neighbour, as in 91 read as 991)."""
+    counts = {"wrong_digit": 0, "skipped_digit": 0, "extra_digit": 0, "duplicated_digit": 0}
+    for t, p in zip(truth, predicted):
+        if t == p:
+            continue
+        kinds = set()
+        table = np.zeros((len(t) + 1, len(p) + 1), dtype=np.int64)
+        table[:, 0], table[0, :] = np.arange(len(t) + 1), np.arange(len(p) + 1)
+        for i in range(1, len(t) + 1):
+            for j in range(1, len(p) + 1):
+                table[i, j] = min(table[i - 1, j] + 1, table[i, j - 1] + 1, table[i - 1, j - 1] + (t[i - 1] != p[j - 1]))
+        i, j = len(t), len(p)
+        while i or j:  # walk one minimal alignment back
+            if i and j and table[i, j] == table[i - 1, j - 1] + (t[i - 1] != p[j - 1]):
+                if t[i - 1] != p[j - 1]:
+                    kinds.add("wrong_digit")
+                i, j = i - 1, j - 1
+            elif j and table[i, j] == table[i, j - 1] + 1:
+                kinds.add("extra_digit")
+                if (j >= 2 and p[j - 2] == p[j - 1]) or (j < len(p) and p[j] == p[j - 1]):
+                    kinds.add("duplicated_digit")
+                j -= 1
+            else:
+                kinds.add("skipped_digit")
+                i -= 1
+        for kind in kinds:
+            counts[kind] += 1
+    return {kind: count / max(1, len(truth)) for kind, count in counts.items()}
+
+
+def calibration_bins(confidences: list[float], correct: list[bool], bins: int = 10) -> list[dict]:
+    """Equal-width confidence bins: count, mean confidence and accuracy in each (empty bins left out)."""
+    conf, right = np.asarray(confidences, dtype=np.float64), np.asarray(correct, dtype=np.float64)
+    index = np.minimum((conf * bins).astype(int), bins - 1)
+    return [
+        {"low": b / bins, "high": (b + 1) / bins, "n": int((index == b).sum()),
+         "confidence": float(conf[index == b].mean()), "accuracy": float(right[index == b].mean())}
+        for b in range(bins) if (index == b).any()
+    ]
+
+
+def expected_calibration_error(confidences: list[float], correct: list[bool], bins: int = 10) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by their counts."""
+    total = max(1, len(confidences))
+    return sum(b["n"] / total * abs(b["accuracy"] - b["confidence"]) for b in calibration_bins(confidences, correct, bins))
+
+
+def evaluate_suites(
+    model: DigitReader | DigitClassifier, pools: dict, names: list[str], n: int, seed: int, beam: int, beam_n: int,
+    batch_size: int, temperature: float = 1.0,
+) -> dict:
     results = {}
     for name in names:
         samples = suite_samples(name, pools["test"], n, seed)
         images = canonical_images(samples, model.cfg)
         truth = [s.digits for s in samples]
-        greedy, seconds = predict(model, images, batch_size)
+        greedy, confidences, seconds = predict(model, images, batch_size, temperature=temperature)
         entry = {"suite": name, "n": len(samples), **score(truth, greedy), "images_per_s": len(samples) / seconds}
+        entry["error_kinds"] = error_kinds(truth, greedy)
+        entry["confidences"] = [round(c, 5) for c in confidences]
+        entry["correct"] = [t == p for t, p in zip(truth, greedy)]
         if beam > 1 and not isinstance(model, DigitClassifier):
             # Beam search is several times slower: it is scored on the first beam_n images,
             # beside greedy on the same images so the two compare fairly.
             k = min(beam_n, len(samples))
-            beamed, _ = predict(model, images[:k], batch_size, beam)
+            beamed, _, _ = predict(model, images[:k], batch_size, beam, temperature)
             entry.update(beam_n=k, beam_exact_match=score(truth[:k], beamed)["exact_match"],
                          greedy_exact_match_on_beam_images=score(truth[:k], greedy[:k])["exact_match"])
         entry["by_length"] = by_length(truth, greedy)
@@ -137,6 +197,62 @@ def markdown_table(results: dict) -> str:
             f"{100 * r['length_accuracy']:.2f}% | {r['exact_over_p_to_the_l']:.3f} |{beam} {r['images_per_s']:.0f} |"
         )
     return "\n".join(rows)
+
+
+def calibration_summary(results: dict) -> dict:
+    """Over all suites together: expected calibration error, its bins, and how often readings at
+    confidence >= 0.9 are right (and what share of readings reach it)."""
+    confidences = [c for r in results.values() for c in r["confidences"]]
+    correct = [ok for r in results.values() for ok in r["correct"]]
+    confident = [ok for c, ok in zip(confidences, correct) if c >= 0.9]
+    return {
+        "n": len(confidences),
+        "ece": expected_calibration_error(confidences, correct),
+        "bins": calibration_bins(confidences, correct),
+        "share_at_0.9": len(confident) / max(1, len(confidences)),
+        "accuracy_at_0.9": float(np.mean(confident)) if confident else float("nan"),
+    }
+
+
+def errors_table(results: dict, calibration: dict) -> str:
+    """Error kinds per suite (share of images), then calibration over all suites."""
+    kinds = ("wrong_digit", "skipped_digit", "extra_digit", "duplicated_digit")
+    rows = ["| suite | wrong digit | skipped digit | extra digit | of which duplicated |", "|---|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        rows.append(f"| {name} | " + " | ".join(f"{100 * r['error_kinds'][k]:.2f}%" for k in kinds) + " |")
+    rows.append("")
+    rows.append(
+        f"Calibration over all {calibration['n']} images: expected calibration error {100 * calibration['ece']:.2f}%; "
+        f"{100 * calibration['share_at_0.9']:.1f}% of readings have confidence >= 0.9, and "
+        f"{100 * calibration['accuracy_at_0.9']:.2f}% of those are right."
+    )
+    return "\n".join(rows)
+
+
+def reliability_plot(calibration: dict, path: Path) -> Path:
+    """Accuracy against confidence per bin, with the diagonal of perfect calibration and the bin counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = calibration["bins"]
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    centers = [(b["low"] + b["high"]) / 2 for b in bins]
+    ax.plot([0, 1], [0, 1], linestyle=":", color="gray", label="perfectly calibrated")
+    ax.bar(centers, [b["accuracy"] for b in bins], width=0.09, alpha=0.7, label="accuracy in bin")
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", color="black", label="(mean confidence, accuracy)")
+    ax.set_ylabel("exact-match in bin")
+    ax.set_title(f"Reliability, all suites (ECE {100 * calibration['ece']:.2f}%)")
+    ax.legend(fontsize=7, loc="upper left")
+    counts.bar(centers, [b["n"] for b in bins], width=0.09)
+    counts.set_yscale("log")
+    counts.set_xlabel("confidence (probability of the whole reading)")
+    counts.set_ylabel("images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def save_plots(results: dict, out_dir: Path, pools, n: int, seed: int, cfg: ModelConfig) -> list[Path]:
@@ -237,20 +353,25 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown suites {unknown}; choose from {', '.join(SUITES)}")
     model, meta = load_checkpoint(args.checkpoint)
+    temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
     if isinstance(model, DigitClassifier):
         names = [s for s in names if SUITES[s].layout in ("single", "mnist")]
     pools = load_pools(args.data_root)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"evaluating {args.checkpoint} on {', '.join(names)} ({args.n} images each, seed {args.seed})", flush=True)
-    results = evaluate_suites(model, pools, names, args.n, args.seed, args.beam, args.beam_n, args.batch_size)
-    table = markdown_table(results)
+    results = evaluate_suites(model, pools, names, args.n, args.seed, args.beam, args.beam_n, args.batch_size, temperature)
+    calibration = calibration_summary(results)
+    table, errors = markdown_table(results), errors_table(results, calibration)
     print(table)
+    print()
+    print(errors)
     report = {"checkpoint": str(args.checkpoint), "n": args.n, "seed": args.seed, "beam": args.beam, "beam_n": args.beam_n,
-              "torch_threads": torch.get_num_threads(), "suites": results, "table": table}
-    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+              "temperature": temperature, "torch_threads": torch.get_num_threads(), "calibration": calibration,
+              "suites": results, "table": table, "errors_table": errors}
+    (out / "results.json").write_text(json.dumps(report) + "\n")
     if not args.no_plots:
-        for path in save_plots(results, out, pools, args.n, args.seed, model.cfg):
+        for path in [*save_plots(results, out, pools, args.n, args.seed, model.cfg), reliability_plot(calibration, out / "reliability.png")]:
             print(f"wrote {path}")
     print(f"wrote {out / 'results.json'}")
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from data.mnist import DigitPool, load_pools
 from data.synth import STYLES, SequenceSynth
 from model.checkpoint import CheckpointError, load_checkpoint, load_training_state, read_meta, save_checkpoint, save_training_state
-from model.decoding import greedy_decode
+from model.decoding import read_batch
 from model.network import DigitClassifier, DigitReader, ModelConfig, build_model, count_parameters
 from train import distributed
 from train.batches import IGNORE, Batch, BatchMaker, Mixture, TrainingStream, canonical_images, collate
@@ -216,7 +216,7 @@ def validate(model: torch.nn.Module, batches: list[Batch], device: torch.device)
         if isinstance(model, DigitClassifier):
             predicted = [[int(p)] for p in model(images, mask).argmax(-1).tolist()]
         else:
-            predicted = [r.digits for r in greedy_decode(model, images, mask)]
+            predicted = [reading.digits for reading, _ in read_batch(model, images, mask)]
         scores[batch.layout] = float(np.mean([p == t for p, t in zip(predicted, batch.digits)]))
     scores["mean"] = float(np.mean(list(scores.values())))
     model.train()

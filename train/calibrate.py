@@ -1,0 +1,111 @@
+"""`python -m train.calibrate --checkpoint FILE`: fit the temperature that makes a reader's confidence a probability.
+
+The confidence the app and the CLI print is the product of the step
+probabilities of the reading (digits and end token). Training with label
+smoothing leaves them too low, so a clean "3" read right shows 82%. One scalar
+fixes it: logits are divided by a temperature T before the softmax. T is fitted
+on images built from MNIST's *validation* digits, every evaluation suite's
+layout and style, by minimising the log loss of "the reading is exactly right"
+under the sequence confidence. The argmax at each step does not depend on T, so
+greedy readings are unchanged. T goes into the checkpoint's JSON
+(`calibration.temperature`), where `model.pipeline.SequenceReader` and
+`train.evaluate` read it; the test digits stay untouched for evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from data.mnist import DATA_ROOT_ENV, load_pools
+from data.suites import SUITES, suite_samples
+from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, update_meta
+from model.decoding import read_batch
+from model.network import BOS, EOS, DigitReader
+from model.preprocess import batch_images
+from train.batches import canonical_images
+from train.evaluate import expected_calibration_error
+
+TEMPERATURES = np.geomspace(0.25, 4.0, 161)
+
+
+@torch.no_grad()
+def answer_logits(model: DigitReader, images: list[np.ndarray], batch_size: int = 128) -> list[tuple[list[int], np.ndarray]]:
+    """For each image, its greedy answer and the logits (steps, outputs) of the steps that produced it."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch, mask = batch_images(images[start : start + batch_size])
+        encoded = model.encoder(batch, mask)
+        answers = [reading.digits for reading, _ in read_batch(model, batch, mask)]
+        length = max(len(a) for a in answers) + 1
+        tokens = torch.full((len(answers), length), EOS, dtype=torch.long)
+        for b, digits in enumerate(answers):
+            tokens[b, : len(digits) + 1] = torch.tensor([BOS, *digits])
+        logits = model.decoder(tokens, encoded)[0].float().numpy()
+        out += [(digits, logits[b, : len(digits) + 1]) for b, digits in enumerate(answers)]
+    return out
+
+
+def confidences(answers: list[tuple[list[int], np.ndarray]], temperature: float) -> np.ndarray:
+    """Sequence confidence at a temperature: the product of each step's probability of its chosen token."""
+    out = np.empty(len(answers))
+    for i, (digits, logits) in enumerate(answers):
+        scaled = logits / temperature
+        log_probs = scaled - np.logaddexp.reduce(scaled, axis=1, keepdims=True)
+        out[i] = np.exp(log_probs[np.arange(len(digits) + 1), [*digits, EOS]].sum())
+    return out
+
+
+def log_loss(confidence: np.ndarray, correct: np.ndarray) -> float:
+    p = np.clip(confidence, 1e-7, 1 - 1e-7)
+    return float(-np.mean(correct * np.log(p) + (1 - correct) * np.log(1 - p)))
+
+
+def fit_temperature(answers: list[tuple[list[int], np.ndarray]], correct: np.ndarray) -> float:
+    """The temperature of least log loss, on a fine logarithmic grid (the loss is smooth in T)."""
+    losses = [log_loss(confidences(answers, t), correct) for t in TEMPERATURES]
+    return float(TEMPERATURES[int(np.argmin(losses))])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.calibrate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--n", type=int, default=500, help="validation images per suite (default 500)")
+    parser.add_argument("--data-root", default=None, help=f"MNIST root (default ${DATA_ROOT_ENV} or data/mnist)")
+    parser.add_argument("--dry-run", action="store_true", help="print the fit, leave the checkpoint as it is")
+    args = parser.parse_args(argv)
+    model, _ = load_checkpoint(args.checkpoint)
+    if not isinstance(model, DigitReader):
+        raise SystemExit(f"{args.checkpoint} is not a reader checkpoint; calibration applies to readers")
+    pool = load_pools(args.data_root, splits=("val",))["val"]
+    names = [name for name, suite in SUITES.items() if suite.layout != "mnist"]
+    answers, correct = [], []
+    for name in names:
+        samples = suite_samples(name, pool, args.n, seed=1)
+        suite_answers = answer_logits(model, canonical_images(samples, model.cfg))
+        answers += suite_answers
+        correct += [digits == s.digits for (digits, _), s in zip(suite_answers, samples)]
+        print(f"  {name}: {np.mean(correct[-len(samples):]):.4f} exact on validation digits", flush=True)
+    right = np.asarray(correct, dtype=np.float64)
+    temperature = fit_temperature(answers, right)
+    before, after = confidences(answers, 1.0), confidences(answers, temperature)
+    record = {
+        "temperature": round(temperature, 4),
+        "fitted_on": f"{len(answers)} images built from MNIST validation digits, {args.n} per suite of {', '.join(names)}",
+        "ece_before": round(expected_calibration_error(before.tolist(), correct), 5),
+        "ece_after": round(expected_calibration_error(after.tolist(), correct), 5),
+        "log_loss_before": round(log_loss(before, right), 5),
+        "log_loss_after": round(log_loss(after, right), 5),
+    }
+    print(f"temperature {record['temperature']}: expected calibration error {100 * record['ece_before']:.2f}% -> "
+          f"{100 * record['ece_after']:.2f}%, log loss {record['log_loss_before']:.4f} -> {record['log_loss_after']:.4f}")
+    if not args.dry_run:
+        update_meta(args.checkpoint, "calibration", record)
+        print(f"wrote calibration into {args.checkpoint}'s JSON")
+
+
+if __name__ == "__main__":
+    main()
