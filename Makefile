@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA ?= $(or $(DIGIT_READER_DATA),data)
 export DIGIT_READER_DATA := $(DATA)
 
-.PHONY: setup test app read eval train race bench-train benchmark screenshots clean
+.PHONY: setup test lint fuzz app read eval train race calibrate bench-train bench-inputs benchmark screenshots clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,13 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+fuzz: setup
+	FUZZ_EXAMPLES=5000 $(PY) -m pytest -q tests/test_fuzz.py
 
 app: setup
 	$(VENV)/bin/streamlit run app.py
@@ -33,8 +40,14 @@ train: setup
 race: setup
 	$(PY) -m train --preset race --out runs/race
 
+calibrate: setup
+	$(PY) -m train.calibrate --checkpoint checkpoints/digit-reader.safetensors
+
 bench-train: setup
 	$(PY) -m benchmarks.training
+
+bench-inputs: setup
+	$(PY) -m benchmarks.bad_inputs
 
 benchmark: setup
 	$(PY) -m benchmarks.decoding

@@ -32,10 +32,10 @@ from app_support.visuals import (
     select_attention,
     step_labels,
 )
+from data.mnist import DatasetMissingError, DigitPool, load_pools
 from model.checkpoint import CheckpointError
 from model.pipeline import ReadResult, SequenceReader
 from model.preprocess import ImageReadError, NoInkError, load_image
-from data.mnist import DatasetMissingError, DigitPool, load_pools
 
 BEAM_WIDTH = 4
 SOURCES = ("Draw", "Upload", "Camera", "Example")
@@ -230,6 +230,8 @@ def show_attention(reader: SequenceReader, result: ReadResult) -> None:
         "Attention head", [None, *range(cfg.n_heads)],
         format_func=lambda i: "Average over heads" if i is None else f"Head {i + 1}",
     )
+    if result.reading.attention is None:
+        return  # read without attention: nothing to show
     maps = select_attention(result.reading.attention, layer, head)
     canonical = result.preprocessed.image
     zoom = overlay_zoom(canonical.shape[0])
@@ -276,7 +278,7 @@ def main() -> None:
     except ImageReadError as exc:
         st.error(f"This image cannot be read: {exc}")
         return
-    except Exception as exc:  # noqa: BLE001 - the page must stay usable whatever one image does
+    except Exception as exc:
         st.error(f"Reading this image failed unexpectedly ({exc.__class__.__name__}: {exc}). Try another image, and please report this one.")
         return
     st.divider()

@@ -10,10 +10,10 @@ import numpy as np
 from PIL import Image
 
 from app_support.visuals import gray_to_image
-from model.preprocess import load_image
 from data.mnist import DigitPool
 from data.suites import SUITES
 from data.synth import LAYOUTS, STYLES, SequenceSynth
+from model.preprocess import load_image
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 LABELS_FILE = "labels.json"

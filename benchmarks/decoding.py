@@ -13,18 +13,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from data.mnist import load_pools
+from data.synth import STYLES, SequenceSynth
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from model.decoding import beam_search, greedy_decode
 from model.network import DigitReader
 from model.preprocess import batch_images
 from train.batches import canonical_images, sequence_tensors
-from data.mnist import load_pools
-from data.synth import STYLES, SequenceSynth
 
 
 def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
@@ -83,11 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         for digits in (5, 10):
             images, mask, tokens = strip_batch(pool, model, digits, args.batch)
+            # Each method is timed within this iteration, so the closures see this batch.
             methods: dict[str, Callable[[], object]] = {
-                "teacher-forced forward": lambda: model(images, tokens, mask),
-                "greedy, KV cache": lambda: greedy_decode(model, images, mask, use_cache=True),
-                "greedy, no cache": lambda: greedy_decode(model, images, mask, use_cache=False),
-                "beam search, width 4": lambda: beam_search(model, images, mask, beam_size=4),
+                "teacher-forced forward": lambda: model(images, tokens, mask),  # noqa: B023
+                "greedy, KV cache": lambda: greedy_decode(model, images, mask, use_cache=True),  # noqa: B023
+                "greedy, no cache": lambda: greedy_decode(model, images, mask, use_cache=False),  # noqa: B023
+                "beam search, width 4": lambda: beam_search(model, images, mask, beam_size=4),  # noqa: B023
             }
             for name, fn in methods.items():
                 seconds = timed(fn, args.repeats)

@@ -24,16 +24,17 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
+from data.mnist import load_pools
 from model.checkpoint import load_checkpoint
 from model.decoding import greedy_decode
-from model.network import DigitReader, build_model, count_parameters
+from model.network import DigitReader, count_parameters
 from train.batches import Batch, BatchMaker
-from data.mnist import load_pools
 from train.distributed import Placement
-from train.loop import PRESETS, TrainConfig, learning_rate, make_optimizer, mixed_precision, pick_device, training_step
+from train.loop import PRESETS, TrainConfig, allow_tf32, learning_rate, make_optimizer, mixed_precision, pick_device, training_step
 
 
 @dataclass
@@ -78,7 +79,7 @@ def training_rate(model: torch.nn.Module, cfg: TrainConfig, batches: list[list[B
                   compile_model: bool) -> float:
     """Training samples/s of the train() step: forward, backward, clipping and AdamW."""
     optimizer = make_optimizer(model, cfg)
-    step_model = torch.compile(model) if compile_model else model
+    step_model = cast(torch.nn.Module, torch.compile(model)) if compile_model else model
     place, autocast = Placement(0, 1, device), mixed_precision(device)
     model.train()
 
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default=None, help="decode with these trained weights instead of a fresh model")
     parser.add_argument("--data-root", default=None, help="MNIST root (default $DIGIT_READER_DATA or data/mnist)")
     args = parser.parse_args(argv)
+    allow_tf32()
     started = time.perf_counter()
     plan = QUICK if args.quick else FULL
     if args.batch:
@@ -131,11 +133,14 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.model.kind != "reader":
         raise SystemExit(f"--preset {args.preset} is a classifier; this benchmark measures the sequence reader")
     torch.manual_seed(0)
-    model = build_model(cfg.model).to(device)
+    model = DigitReader(cfg.model).to(device)
     batches, synthesis = make_batches(cfg, plan, args.data_root)
     training = training_rate(model, cfg, batches, plan, device, args.compile)
     if args.checkpoint:
-        model = load_checkpoint(args.checkpoint, device=str(device))[0]
+        loaded = load_checkpoint(args.checkpoint, device=str(device))[0]
+        if not isinstance(loaded, DigitReader):
+            raise SystemExit(f"{args.checkpoint} is not a reader checkpoint; this benchmark decodes sequences")
+        model = loaded
     decode_fp32 = decoding_rate(model, batches, plan, device, nullcontext())
     rows = [
         ("batch synthesis (CPU, 1 process)", f"{synthesis:,.0f} samples/s"),

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     styles = args.styles.split(",")
     config = ModelConfig(digit_height=args.digit_height)
     options = {"strip": {"min_digits": 3, "max_digits": 16}, "multiline": {"max_lines": 4, "max_per_line": 8}}
-    fig, axes = plt.subplots(len(styles) * args.per_cell, len(LAYOUTS), figsize=(3.2 * len(LAYOUTS), 1.3 * len(styles) * args.per_cell), squeeze=False)
+    rows = len(styles) * args.per_cell
+    fig, axes = plt.subplots(rows, len(LAYOUTS), figsize=(3.2 * len(LAYOUTS), 1.3 * rows), squeeze=False)
     for row, style in enumerate(styles):
         synth = SequenceSynth(pool, STYLES[style], seed=args.seed + row)
         bank = DigitBank(pool, STYLES[style], args.digit_height / MNIST_DIGIT_HEIGHT, 256, seed=args.seed + row).at(0)

@@ -166,7 +166,7 @@ def _sprite_side(unit: float, style: Style) -> int:
     angle = math.radians(style.rotation)
     size = 20 * style.scale[1] * (1 + style.aspect)
     reach = size * (math.cos(angle) + math.sin(angle)) + size * style.shear + 2 * style.elastic + 8
-    return int(math.ceil(reach * unit / 2)) * 2
+    return math.ceil(reach * unit / 2) * 2
 
 
 def render_sprites(pool: DigitPool, indices: np.ndarray, style: Style, rng: np.random.Generator, unit: float = 1.0) -> np.ndarray:
@@ -223,7 +223,7 @@ def render_sprites(pool: DigitPool, indices: np.ndarray, style: Style, rng: np.r
 def trim(sprites: np.ndarray) -> list[np.ndarray]:
     """Each sprite (M, S, S) cut to its ink box; a sprite with no ink keeps one pixel."""
     ink = sprites > INK
-    rows, cols = ink.any(2), ink.any(1)
+    rows, cols = np.asarray(ink.any(2)), np.asarray(ink.any(1))
     side = sprites.shape[1]
     top, left = rows.argmax(1), cols.argmax(1)
     bottom, right = side - rows[:, ::-1].argmax(1), side - cols[:, ::-1].argmax(1)
@@ -245,7 +245,7 @@ class DigitBank:
         self.sprites: list[np.ndarray] = []
         self.labels = np.zeros(0, dtype=np.int64)
 
-    def at(self, epoch: int) -> "DigitBank":
+    def at(self, epoch: int) -> DigitBank:
         if epoch != self.epoch:
             rng = np.random.default_rng([self.seed, epoch])
             indices = rng.integers(0, len(self.pool), size=self.size)
@@ -306,15 +306,15 @@ def place(
 ) -> tuple[np.ndarray, list[tuple[int, int, int, int]], list[int]]:
     """Put crops on a canvas by the layout; returns (canvas, ink boxes in the crops' order, reading order)."""
     sizes = [c.shape for c in crops]
-    cell_min = int(round(28 * unit))
+    cell_min = round(28 * unit)
     for _ in range(100):
         canvas_hw: tuple[int, int] | None
         if layout in ("single", "grid2x2"):
             # MNIST's 28 px cells, grown when distorted digits would not fit with a clear gap.
             cells = 1 if layout == "single" else 2
-            cell = max([cell_min] + [max(h, w) + int(round(4 * unit)) for h, w in sizes])
+            cell = max([cell_min] + [max(h, w) + round(4 * unit) for h, w in sizes])
             canvas_hw = (cell * cells, cell * cells)
-            jitter = int(round(style.jitter * unit))
+            jitter = round(style.jitter * unit)
             shifts = rng.integers(-jitter, jitter + 1, size=(len(crops), 2)) if jitter else np.zeros((len(crops), 2), int)
             positions = [
                 (cell * (i // cells) + (cell - h) // 2 + int(dy), cell * (i % cells) + (cell - w) // 2 + int(dx))
@@ -323,7 +323,7 @@ def place(
         elif layout in ("strip", "multiline"):
             positions, y, first = [], 0, 0
             for n in plan or [len(crops)]:
-                line = _line(sizes[first : first + n], rng, style, unit, int(rng.integers(0, 16 * unit + 1)))
+                line = _line(sizes[first : first + n], rng, style, unit, int(rng.integers(0, int(16 * unit) + 1)))
                 top = min(t for t, _ in line)
                 line = [(t - top + y, x) for t, x in line]
                 positions += line
@@ -331,7 +331,7 @@ def place(
                 first += n
             canvas_hw = None
         elif layout == "scatter":
-            side = int(round(canvas_side * unit))
+            side = round(canvas_side * unit)
             canvas_hw = (side, side)
             positions = [(int(rng.integers(0, max(1, side - h + 1))), int(rng.integers(0, max(1, side - w + 1)))) for h, w in sizes]
         else:
@@ -350,7 +350,7 @@ def place(
     box_array = np.array(boxes).reshape(-1, 4)
     (min_top, min_left), (max_bottom, max_right) = box_array[:, :2].min(0), box_array[:, 2:].max(0)
     if canvas_hw is None:
-        margin = int(round(4 * unit))
+        margin = round(4 * unit)
         shift_y, shift_x = margin - min_top, margin - min_left
         canvas_hw = (max_bottom + shift_y + margin, max_right + shift_x + margin)
     else:
@@ -408,7 +408,9 @@ class SequenceSynth:
         self.style = style
         self.rng = np.random.default_rng(seed)
 
-    def _compose(self, layout: str, sprites: list[np.ndarray], labels: np.ndarray, plan: list[int], options: LayoutOptions, unit: float) -> tuple[np.ndarray, list[int], list]:
+    def _compose(
+        self, layout: str, sprites: list[np.ndarray], labels: np.ndarray, plan: list[int], options: LayoutOptions, unit: float,
+    ) -> tuple[np.ndarray, list[int], list]:
         canvas, boxes, order = place(layout, sprites, self.rng, self.style, unit, plan if layout == "multiline" else None, options.canvas)
         return canvas, [int(labels[i]) for i in order], [boxes[i] for i in order]
 
@@ -467,7 +469,8 @@ class SequenceSynth:
         x = np.clip(x, 0, 1)
         if self._chance(style.jpeg_prob):
             _, encoded = cv2.imencode(".jpg", (x * 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(30, 90))])
-            x = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255.0
+            decoded = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE)
+            x = x if decoded is None else decoded.astype(np.float32) / 255.0
         return x
 
     def _degrade(self, canvas: np.ndarray) -> np.ndarray:
@@ -511,6 +514,6 @@ class SequenceSynth:
         gradient = 1.0 - rng.uniform(0.0, 0.35) * (0.5 + 0.5 * (math.cos(angle) * xs + math.sin(angle) * ys))
         cy, cx = rng.uniform(-1, 1, size=2)
         shadow = 1.0 - rng.uniform(0.0, 0.3) * np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / rng.uniform(0.2, 0.8))
-        grain = rng.normal(0, 0.02, size=(max(1, h // 4), max(1, w // 4))).astype(np.float32)
-        grain = cv2.resize(grain, (w, h), interpolation=cv2.INTER_LINEAR)
+        coarse_grain = rng.normal(0, 0.02, size=(max(1, h // 4), max(1, w // 4))).astype(np.float32)
+        grain = cv2.resize(coarse_grain, (w, h), interpolation=cv2.INTER_LINEAR)
         return (image * gradient * shadow + grain).astype(np.float32)

@@ -113,7 +113,7 @@ def update_meta(path: str | os.PathLike, key: str, value: dict) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | os.PathLike = DEFAULT_CHECKPOINT, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+def load_checkpoint(path: str | os.PathLike = DEFAULT_CHECKPOINT, device: str = "cpu") -> tuple[DigitReader | DigitClassifier, dict]:
     """Rebuild the model a checkpoint describes, load its weights, and return (model in eval mode, meta)."""
     weights_path, _ = checkpoint_paths(path)
     if not weights_path.exists():

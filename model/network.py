@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -76,7 +77,7 @@ class ModelConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
@@ -285,7 +286,7 @@ class Encoder(nn.Module):
         pad_w = (width + cfg.stride - 1) // cfg.stride * cfg.stride - width
         if pixel_mask is None and (pad_h or pad_w):
             pixel_mask = torch.ones(images.shape[0], height, width, dtype=torch.bool, device=images.device)
-        if pad_h or pad_w:
+        if pixel_mask is not None and (pad_h or pad_w):
             images = F.pad(images, (0, pad_w, 0, pad_h))
             pixel_mask = F.pad(pixel_mask, (0, pad_w, 0, pad_h), value=False)
         features = self.stem(images) if self.stem else images
@@ -385,6 +386,11 @@ class Decoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, NUM_OUTPUTS)
 
+    @property
+    def layers(self) -> list[DecoderBlock]:
+        """The blocks with their type: iterating an nn.ModuleList yields plain Modules to a type checker."""
+        return cast(list[DecoderBlock], list(self.blocks))
+
     def forward(
         self, tokens: torch.Tensor, encoded: EncodedImages, return_attention: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -395,7 +401,7 @@ class Decoder(nn.Module):
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.token_embed(tokens) + self.position_embed(positions)
         cross_weights = []
-        for block in self.blocks:
+        for block in self.layers:
             cross_keys, cross_values = block.cross_attn.keys_values(encoded.memory)
             x, weights = block(x, cross_keys, cross_values, encoded.attn_mask, return_weights=return_attention)
             if return_attention:
@@ -406,8 +412,8 @@ class Decoder(nn.Module):
         """Prepare a key/value cache for up to max_steps incremental steps."""
         batch = encoded.memory.shape[0]
         shape = (batch, self.cfg.n_heads, max_steps, self.cfg.d_model // self.cfg.n_heads)
-        empty = lambda: encoded.memory.new_zeros(shape)  # noqa: E731 - tiny local factory
-        cross = [block.cross_attn.keys_values(encoded.memory) for block in self.blocks]
+        empty = lambda: encoded.memory.new_zeros(shape)
+        cross = [block.cross_attn.keys_values(encoded.memory) for block in self.layers]
         return DecoderState(
             self_keys=[empty() for _ in self.blocks],
             self_values=[empty() for _ in self.blocks],
@@ -502,14 +508,14 @@ def count_parameters(model: nn.Module) -> int:
 __all__ = [
     "BOS",
     "EOS",
-    "PAD",
     "NUM_OUTPUTS",
+    "PAD",
     "VOCABULARY",
-    "ModelConfig",
-    "DigitReader",
-    "DigitClassifier",
-    "EncodedImages",
     "DecoderState",
+    "DigitClassifier",
+    "DigitReader",
+    "EncodedImages",
+    "ModelConfig",
     "build_model",
     "count_parameters",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +63,7 @@ class SequenceReader:
 
     def read(
         self,
-        images: list[Image.Image | np.ndarray | Preprocessed],
+        images: Sequence[Image.Image | np.ndarray | Preprocessed],
         beam: int = 0,
         attention: bool = False,
         batch_size: int = 64,
@@ -83,7 +84,7 @@ class SequenceReader:
             batch, mask = batch.to(self.device), mask.to(self.device)
             answers = read_batch(self.model, batch, mask, beam=beam, attention=attention, temperature=self.temperature)
             for i, (reading, alternatives) in zip(chunk, answers):
-                if attention:
+                if reading.attention is not None:
                     # Crop the attention grid to this image's own tokens (the batch was padded).
                     stride = self.model.cfg.stride
                     h, w = (-(-s // stride) for s in prepared[i].image.shape)
@@ -91,6 +92,7 @@ class SequenceReader:
                     reading.grid = (h, w)
                 results[i] = ReadResult(reading.digits, reading.confidence, reading, prepared[i], alternatives)
         elapsed = time.perf_counter() - started
-        for result in results:
-            result.seconds = elapsed / max(1, len(results))
-        return results
+        done = [result for result in results if result is not None]
+        for result in done:
+            result.seconds = elapsed / max(1, len(done))
+        return done

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ImageReadError, NoInkError, OSError) as exc:
             errors[path] = str(exc)
             failed = True
-        except Exception as exc:  # noqa: BLE001 - one odd file must not cost the others their readings
+        except Exception as exc:
             errors[path] = f"unexpected {exc.__class__.__name__} while reading this image ({exc}); please report it"
             failed = True
     results = dict(zip(good_paths, reader.read(prepared, beam=args.beam, batch_size=args.batch_size)))

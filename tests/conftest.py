@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.mnist import load_pools
 from model.checkpoint import DEFAULT_CHECKPOINT, checkpoint_paths, save_checkpoint
 from model.network import DigitReader, ModelConfig
-from data.mnist import load_pools
 
 TINY = ModelConfig(stem_channels=(8,), patch_size=4, d_model=32, n_heads=2, n_encoder_layers=1, n_decoder_layers=2, max_digits=12)
 DEV_CHECKPOINT_ENV = "DIGIT_READER_DEV_CHECKPOINT"
@@ -50,3 +50,10 @@ def app_checkpoints(tmp_path_factory) -> Path:
         torch.manual_seed(0)
         save_checkpoint(folder / DEFAULT_CHECKPOINT.name, DigitReader(ModelConfig()).eval())
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The tiny reader saved as a checkpoint: for tests of behaviour that needs no trained weights."""
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-reader", DigitReader(TINY).eval())

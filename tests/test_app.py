@@ -21,10 +21,10 @@ from app_support.checkpoints import CHECKPOINTS_ENV, reader_checkpoints
 from app_support.examples import EXAMPLES_DIR, LABELS_FILE, shipped_example, synthesize_example
 from app_support.inputs import canvas_image, image_digest
 from app_support.visuals import NO_DIGITS, attention_overlay, confidence_chart, select_attention, step_labels
+from data.synth import LAYOUTS
 from model.checkpoint import checkpoint_paths
 from model.pipeline import ReadResult, SequenceReader
 from model.preprocess import load_image, preprocess_image
-from data.synth import LAYOUTS
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 EXAMPLE_PNG = EXAMPLES_DIR / "strip-clean.png"

@@ -60,6 +60,7 @@ def free_port() -> int:
 def draw_digits(page: Page, canvas: Locator, digits: list[int], first_slot: int = 0, height: float = 130.0, width: float = 80.0) -> None:
     """Write the digits left to right with mouse strokes, like a user, in slots 140 px apart from first_slot on."""
     box = canvas.bounding_box()
+    assert box is not None, "the canvas is not on the page"
     top = box["y"] + (box["height"] - height) / 2
     for slot, digit in enumerate(digits, start=first_slot):
         left = box["x"] + 60 + slot * 140
@@ -87,7 +88,7 @@ def browser() -> Iterator[Browser]:
 def app_server(app_checkpoints: Path, tmp_path: Path) -> Iterator[tuple[str, float]]:
     """`streamlit run app.py` on a free port: (url, start time). Always terminated afterwards."""
     port = free_port()
-    log = open(tmp_path / "streamlit.log", "w")
+    log = open(tmp_path / "streamlit.log", "w")  # noqa: SIM115 - held open for the server's lifetime, closed below
     started = time.perf_counter()
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
@@ -137,6 +138,7 @@ def wait_until_idle(page: Page, quiet_ms: int = 1500) -> None:
 def screenshot_whole_app(page: Page, path: Path) -> None:
     """Save the whole app, not just the viewport: the app scrolls inside its own container."""
     viewport = page.viewport_size
+    assert viewport is not None
     height = page.get_by_test_id("stMainBlockContainer").evaluate("element => element.scrollHeight")
     page.set_viewport_size({"width": viewport["width"], "height": max(viewport["height"], height + 80)})
     page.wait_for_timeout(500)  # let the charts and images lay out at the new size

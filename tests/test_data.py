@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-import train.loop as train_loop
 import data.synth as synth_module
+import train.loop as train_loop
 from data.mnist import DatasetMissingError, DigitPool, load_pools
-from train.evaluate import evaluate_suites, suite_samples
 from data.synth import LAYOUTS, STYLES, AmbiguousLayout, SequenceSynth, reading_order
+from train.evaluate import evaluate_suites, suite_samples
 
 
 def test_reading_order_rule():
@@ -38,7 +38,7 @@ def test_generated_labels_follow_the_rule(pools, layout):
     for sample in synth.sample(layout, 32):
         assert reading_order(sample.boxes) == list(range(len(sample.boxes)))
         assert len(sample.digits) == len(sample.boxes) >= 1
-        assert sample.image.dtype == np.float32 and 0.0 <= sample.image.min() and sample.image.max() <= 1.0
+        assert sample.image.dtype == np.float32 and sample.image.min() >= 0.0 and sample.image.max() <= 1.0
 
 
 def test_layout_shapes_and_lengths(pools):

@@ -1,8 +1,11 @@
 import json
 
-from model.checkpoint import save_checkpoint
+import numpy as np
+
 from data.suites import suite_samples
-from train.evaluate import by_length, edit_distance, main, score
+from model.checkpoint import save_checkpoint
+from train.calibrate import confidences, fit_temperature
+from train.evaluate import by_length, edit_distance, error_kinds, expected_calibration_error, main, score
 
 
 def test_edit_distance_and_scores():
@@ -68,3 +71,29 @@ def test_compare_prints_one_row_per_run_with_its_speed_and_scores(tmp_path, caps
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["reader"]["samples"] for r in rows] == [4 * cfg.batch_size] * 2 and rows[0]["encoder"] is None
     assert all(0.0 <= r["exact_match"]["grid2x2"] <= 1.0 for r in rows)
+
+
+def test_error_kinds_separate_wrong_skipped_extra_and_duplicated_digits():
+    kinds = error_kinds([[9, 1], [1, 2, 3], [1, 2], [4, 5], [7]], [[9, 9, 1], [1, 3], [1, 7], [4, 5, 6], [7]])
+    assert kinds == {"wrong_digit": 0.2, "skipped_digit": 0.2, "extra_digit": 0.4, "duplicated_digit": 0.2}
+
+
+def test_calibration_error_is_zero_when_confidence_matches_accuracy_and_large_when_not():
+    confidences = [0.95] * 100 + [0.55] * 100
+    calibrated = [True] * 95 + [False] * 5 + [True] * 55 + [False] * 45
+    assert expected_calibration_error(confidences, calibrated) < 1e-9
+    assert abs(expected_calibration_error(confidences, [True] * 200) - (0.05 + 0.45) / 2) < 1e-9
+
+
+def test_fitted_temperature_recovers_the_one_that_made_the_data():
+    """Answers whose correctness follows softmax(logits / 2): the fit must find a temperature near 2."""
+    rng = np.random.default_rng(0)
+    answers, correct = [], []
+    for _ in range(3000):
+        logits = rng.normal(0, 4, size=(3, 11))
+        digits = [int(logits[0, :10].argmax()), int(logits[1, :10].argmax())]
+        logits[2, 10] = logits[2].max() + 1.0  # the end token is chosen last
+        answers.append((digits, logits))
+        true_confidence = confidences([(digits, logits)], 2.0)[0]
+        correct.append(rng.random() < true_confidence)
+    assert abs(fit_temperature(answers, np.asarray(correct, dtype=float)) - 2.0) < 0.25

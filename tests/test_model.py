@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from model.decoding import beam_search, greedy_decode
+from model.decoding import beam_search, greedy_decode, read_batch
 from model.network import BOS, EOS, NUM_OUTPUTS, DigitClassifier, DigitReader, ModelConfig, PatchEmbedding
 from tests.conftest import TINY
 
@@ -11,6 +11,7 @@ def test_patch_embedding_equals_strided_convolution():
     embed = PatchEmbedding(in_channels=3, patch_size=4, d_model=16)
     conv = torch.nn.Conv2d(3, 16, kernel_size=4, stride=4)
     conv.weight.data = embed.proj.weight.data.view(16, 3, 4, 4).clone()
+    assert conv.bias is not None
     conv.bias.data = embed.proj.bias.data.clone()
     x = torch.randn(2, 3, 12, 20)
     expected = conv(x).flatten(2).transpose(1, 2)
@@ -51,6 +52,7 @@ def test_greedy_with_and_without_cache_agree_and_attention_is_a_distribution(tin
     cached = greedy_decode(tiny_reader, images, use_cache=True, return_attention=True)
     uncached = greedy_decode(tiny_reader, images, use_cache=False, return_attention=True)
     for a, b in zip(cached, uncached):
+        assert a.attention is not None and b.attention is not None
         assert a.digits == b.digits
         assert torch.allclose(torch.tensor(a.step_probs), torch.tensor(b.step_probs), atol=1e-5)
         assert torch.allclose(a.attention, b.attention, atol=1e-5)
@@ -107,3 +109,32 @@ def test_classifier_mode_and_oversized_input_error():
         assert "preprocess" in str(exc)
     else:
         raise AssertionError("oversized input was accepted")
+
+
+def test_read_batch_encodes_once_and_answers_with_the_best_beam(tiny_reader):
+    """The one reading path: the encoder runs once for greedy and beam together; the answer is the beam's
+    best hypothesis, and its step probabilities and attention belong to that answer."""
+    torch.manual_seed(3)
+    images = torch.rand(8, 1, 28, 84)
+    calls = []
+    hook = tiny_reader.encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        answers = read_batch(tiny_reader, images, beam=4, attention=True)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    beams = beam_search(tiny_reader, images, beam_size=4)
+    for (reading, hyps), expected in zip(answers, beams):
+        assert [h.digits for h in hyps] == [h.digits for h in expected]
+        assert reading.digits == hyps[0].digits
+        assert abs(reading.confidence - hyps[0].probability) < 1e-4
+        assert reading.attention is not None and reading.attention.shape[0] == len(reading.step_probs)
+
+
+def test_temperature_changes_confidence_not_the_greedy_reading(tiny_reader):
+    images = torch.rand(4, 1, 28, 56)
+    plain = read_batch(tiny_reader, images)
+    sharp = read_batch(tiny_reader, images, temperature=0.5)
+    for (a, _), (b, _) in zip(plain, sharp):
+        assert a.digits == b.digits
+        assert all(q >= p - 1e-6 for p, q in zip(a.step_probs, b.step_probs))  # a cooler softmax is surer of its argmax

@@ -4,11 +4,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data.synth import STYLES, SequenceSynth
 from model.preprocess import (
-    MARGIN, TARGET_DIGIT_HEIGHT, WORKING_SIDE, ImageReadError, NoInkError, load_image, preprocess_array, preprocess_image,
+    MARGIN,
+    TARGET_DIGIT_HEIGHT,
+    WORKING_SIDE,
+    ImageReadError,
+    NoInkError,
+    load_image,
+    preprocess_array,
+    preprocess_image,
     to_grayscale,
 )
-from data.synth import STYLES, SequenceSynth
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +26,7 @@ def strip(pools):
 def _upscale(image: np.ndarray, factor: float) -> np.ndarray:
     pil = Image.fromarray((image * 255).astype(np.uint8))
     size = (round(pil.width * factor), round(pil.height * factor))
-    return np.asarray(pil.resize(size, Image.BILINEAR), dtype=np.float32) / 255.0
+    return np.asarray(pil.resize(size, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
 
 
 def test_canonical_form_has_target_digit_height_and_margin(strip):
@@ -106,10 +113,10 @@ def test_corrupt_and_oversized_files_give_clear_errors(tmp_path):
     with pytest.raises(ImageReadError, match="damaged or incomplete"):
         load_image(_encode(Image.new("L", (50, 50)), "PNG")[:60])
     big = Image.new("1", (8000, 6000))
-    with pytest.raises(ImageReadError, match="limit is 40 MP. Downscale it first"):
+    with pytest.raises(ImageReadError, match=r"limit is 40 MP\. Downscale it first"):
         load_image(_encode(big, "PNG"))
     beyond_pillow = Image.new("1", (15000, 13000))  # 195 MP: Pillow itself refuses to open it
-    with pytest.raises(ImageReadError, match="far too large.*Downscale it first"):
+    with pytest.raises(ImageReadError, match=r"far too large.*Downscale it first"):
         load_image(_encode(beyond_pillow, "PNG"))
     with pytest.raises(ImageReadError, match="does not exist"):
         load_image(tmp_path / "missing.png")

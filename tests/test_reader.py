@@ -1,13 +1,18 @@
 """The batch reader: `python -m model.read` output and per-file errors."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
-from model.checkpoint import save_checkpoint
-from model.read import main
 from data.synth import STYLES, SequenceSynth
+from model.checkpoint import DEFAULT_CHECKPOINT, save_checkpoint
+from model.network import DigitClassifier, ModelConfig
+from model.pipeline import SequenceReader
+from model.read import main
 
 
 def test_json_lines_and_per_file_errors(tmp_path, pools, tiny_reader, capsys):
@@ -35,7 +40,7 @@ def test_json_lines_and_per_file_errors(tmp_path, pools, tiny_reader, capsys):
         assert record["text"] == "".join(map(str, record["digits"]))
         assert len(record["alternatives"]) == 3
 
-    assert main(paths + ["--checkpoint", str(checkpoint)]) == 0
+    assert main([*paths, "--checkpoint", str(checkpoint)]) == 0
     plain = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in plain] == paths
 
@@ -57,3 +62,42 @@ def test_the_reader_preprocesses_at_its_checkpoints_digit_height(tmp_path, pools
     assert abs(prepared.digit_height * prepared.scale - 12.0) < 0.5
     ink_rows = np.flatnonzero((prepared.image > 0.3).any(1))
     assert abs((ink_rows[-1] - ink_rows[0] + 1) - 12) <= 3
+
+
+def test_readings_in_eight_threads_equal_sequential_ones(pools):
+    """The app serves sessions from threads that share one cached reader."""
+    reader = SequenceReader(DEFAULT_CHECKPOINT)
+    samples = SequenceSynth(pools["test"], STYLES["train"], seed=11).sample("strip", 16, min_digits=2, max_digits=8)
+    images = [Image.fromarray((s.image * 255).astype(np.uint8)) for s in samples]
+    sequential = [reader.read([image], beam=4, attention=True)[0] for image in images]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        threaded = list(pool.map(lambda image: reader.read([image], beam=4, attention=True)[0], images * 2))
+    for expected, got in zip(sequential * 2, threaded):
+        assert got.digits == expected.digits
+        assert [h.digits for h in got.alternatives] == [h.digits for h in expected.alternatives]
+        assert np.allclose(got.reading.step_probs, expected.reading.step_probs, atol=1e-5)
+        assert got.reading.attention is not None and expected.reading.attention is not None
+        assert torch.allclose(got.reading.attention, expected.reading.attention, atol=1e-5)
+
+
+def test_exit_codes_and_usage_errors(tmp_path, tiny_reader, capsys):
+    """0: all read; 1: some files failed; 2: usage or checkpoint errors, with a message and no traceback."""
+    checkpoint = save_checkpoint(tmp_path / "tiny", tiny_reader)
+    good = tmp_path / "good.png"
+    Image.fromarray(np.pad(np.full((20, 6), 255, np.uint8), 10)).save(good)
+    assert main([str(good), "--checkpoint", str(checkpoint)]) == 0
+    assert main([str(good), str(tmp_path / "missing.png"), "--checkpoint", str(checkpoint)]) == 1
+    assert "missing.png does not exist" in capsys.readouterr().out
+    for bad in (["--batch-size", "0"], ["--beam", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(good), "--checkpoint", str(checkpoint), *bad])
+        assert exit_info.value.code == 2
+        assert "must be" in capsys.readouterr().err
+    listed = tmp_path / "listed"
+    (tmp_path / "listed.safetensors").write_bytes(checkpoint.read_bytes())
+    (tmp_path / "listed.json").write_text("[1, 2]")
+    assert main([str(good), "--checkpoint", str(listed) + ".safetensors"]) == 2
+    assert "holds a JSON list" in capsys.readouterr().err
+    classifier = save_checkpoint(tmp_path / "classifier", DigitClassifier(ModelConfig(kind="classifier", d_model=32, n_encoder_layers=1)))
+    assert main([str(good), "--checkpoint", str(classifier)]) == 2
+    assert "is a classifier checkpoint" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def test_a_clean_sample_written_large_in_dark_ink_reads_as_in_training(pools, la
     differences = []
     for sample in canonical_samples(pools, "clean", layout, n=20):
         large = Image.fromarray(((1 - sample.source) * 255).round().astype(np.uint8))
-        large = large.resize((large.width * 3, large.height * 3), Image.BILINEAR)
+        large = large.resize((large.width * 3, large.height * 3), Image.Resampling.BILINEAR)
         back = preprocess_image(large, CONFIG.digit_height, MAX_SIZE)
         assert back.inverted
         assert np.abs(np.subtract(back.image.shape, sample.image.shape)).max() <= 3

@@ -9,9 +9,9 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.decoding import greedy_decode
 from model.network import DigitReader
+from tests.conftest import TINY
 from train.batches import BatchMaker, TrainingStream
 from train.loop import PRESETS, learning_rate, loss_on, train
-from tests.conftest import TINY
 
 
 def test_tiny_model_overfits_one_batch(pools):
@@ -20,10 +20,9 @@ def test_tiny_model_overfits_one_batch(pools):
     batch = BatchMaker(pools["train"], cfg.mixture(), cfg.model, 8, seed=0, bank_size=64)(3)[0]
     model = DigitReader(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = None
+    first = loss_on(model, batch, cfg, torch.device("cpu")).item()
     for _ in range(250):
         loss = loss_on(model, batch, cfg, torch.device("cpu"))
-        first = first if first is not None else loss.item()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

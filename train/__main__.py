@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
-from model.network import ModelConfig
 from data.mnist import DATA_ROOT_ENV, DatasetMissingError
-from train.loop import PRESETS, TrainConfig, apply_overrides, train
+from model.network import ModelConfig
+from train.loop import PRESETS, TrainConfig, allow_tf32, apply_overrides, train
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         cfg = PRESETS[args.preset]
     cfg = apply_overrides(cfg, args.overrides)
+    # Process-wide settings belong here, at the entry point: TF32 matmuls on CUDA, wandb offline unless asked.
+    allow_tf32()
+    os.environ.setdefault("WANDB_MODE", "offline")
     try:
         train(cfg, out, data_root=args.data_root, resume=args.resume)
     except DatasetMissingError as exc:

@@ -78,7 +78,7 @@ class Mixture:
     max_per_line: int = 8
     max_total: int = 24  # most digits on a multi-line image
 
-    def at(self, step: int, ramp_steps: int) -> "Mixture":
+    def at(self, step: int, ramp_steps: int) -> Mixture:
         """The mixture at a step of a length curriculum: strips start at 4 digits and multi-line images
         at 2 lines of at most 4, growing linearly to the full lengths at ramp_steps. A cold decoder first
         learns to attend to one digit per step on short sequences; thrown long ones at once, it sits at
@@ -86,7 +86,7 @@ class Mixture:
         if step >= ramp_steps:
             return self
         progress = step / ramp_steps
-        grow = lambda start, end: min(end, start + int(progress * (end - start + 1)))  # noqa: E731 - one-line ramp
+        grow = lambda start, end: min(end, start + int(progress * (end - start + 1)))
         return replace(
             self, max_digits=grow(4, self.max_digits), max_lines=grow(2, self.max_lines),
             max_per_line=grow(4, self.max_per_line), max_total=grow(8, self.max_total),

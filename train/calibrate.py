@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     right = np.asarray(correct, dtype=np.float64)
     temperature = fit_temperature(answers, right)
     before, after = confidences(answers, 1.0), confidences(answers, temperature)
-    record = {
+    record: dict[str, float | str] = {
         "temperature": round(temperature, 4),
         "fitted_on": f"{len(answers)} images built from MNIST validation digits, {args.n} per suite of {', '.join(names)}",
         "ece_before": round(expected_calibration_error(before.tolist(), correct), 5),
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         "log_loss_before": round(log_loss(before, right), 5),
         "log_loss_after": round(log_loss(after, right), 5),
     }
-    print(f"temperature {record['temperature']}: expected calibration error {100 * record['ece_before']:.2f}% -> "
-          f"{100 * record['ece_after']:.2f}%, log loss {record['log_loss_before']:.4f} -> {record['log_loss_after']:.4f}")
+    print(f"temperature {temperature:.4g}: expected calibration error {100 * float(record['ece_before']):.2f}% -> "
+          f"{100 * float(record['ece_after']):.2f}%, log loss {record['log_loss_before']} -> {record['log_loss_after']}")
     if not args.dry_run:
         update_meta(args.checkpoint, "calibration", record)
         print(f"wrote calibration into {args.checkpoint}'s JSON")

@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     header += " | ".join(names) + " |"
     lines = [header, "|---|---|---|---:|---|---:|---:|---:|---:|" + "---:|" * len(names)]
     for r in rows:
-        encoder = f"{r['encoder']['samples']:,}, {r['encoder']['rate']:.0f}" if r["encoder"] else "-"
+        encoder_cell = f"{r['encoder']['samples']:,}, {r['encoder']['rate']:.0f}" if r["encoder"] else "-"
         lines.append(
             f"| {r['run']} | {r['digit_height']:g} / {r['stride']} | {'-'.join(map(str, r['stem'])) or 'none'} | {r['d_model']} | "
-            f"{r['layers']} | {r['parameters']:,} | {r['batch']} | {encoder} | {r['reader']['samples']:,}, {r['reader']['rate']:.0f} | "
+            f"{r['layers']} | {r['parameters']:,} | {r['batch']} | {encoder_cell} | {r['reader']['samples']:,}, {r['reader']['rate']:.0f} | "
             + " | ".join(f"{100 * r['exact_match'][name]:.1f}%" for name in names) + " |"
         )
     print("\n" + "\n".join(lines))

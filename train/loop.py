@@ -9,10 +9,12 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.mnist import DigitPool, load_pools
@@ -58,7 +60,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     tensorboard: bool = False
-    wandb: bool = False  # offline unless WANDB_MODE says otherwise
+    wandb: bool = False  # offline unless WANDB_MODE says otherwise (python -m train sets offline by default)
 
     def mixture(self) -> Mixture:
         return Mixture(self.layouts, self.styles, max_digits=self.max_digits, max_total=self.model.max_digits)
@@ -128,12 +130,17 @@ def learning_rate(cfg: TrainConfig, step: int, elapsed_s: float = 0.0, budget_s:
 
 
 def mixed_precision(device: torch.device) -> torch.autocast:
-    """bf16 autocast on CUDA, with TF32 for the matmuls left in fp32; plain fp32 elsewhere."""
+    """bf16 autocast on CUDA; plain fp32 elsewhere. (TF32 for the fp32 matmuls is a process-wide
+    flag: entry points set it with `allow_tf32`.)"""
     if device.type != "cuda":
         return torch.autocast("cpu", enabled=False)
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def allow_tf32() -> None:
+    """Let CUDA run fp32 matmuls and convolutions in TF32; a process-wide setting, for entry points."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -180,7 +187,7 @@ def training_step(
     weighted = torch.zeros((), device=place.device)
     for i, (batch, n) in enumerate(zip(batches, terms)):
         exchange = not place.distributed or i == len(batches) - 1
-        with nullcontext() if exchange else model.no_sync():
+        with nullcontext() if exchange else cast(DistributedDataParallel, model).no_sync():
             with autocast:
                 loss = loss_on(model, batch, cfg, place.device)
             (loss * (n * place.world_size / total)).backward()
@@ -207,7 +214,7 @@ def validation_batches(pool: DigitPool, cfg: TrainConfig) -> list[Batch]:
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, batches: list[Batch], device: torch.device) -> dict[str, float]:
+def validate(model: DigitReader | DigitClassifier, batches: list[Batch], device: torch.device) -> dict[str, float]:
     """Exact-match per layout from real greedy decoding (or argmax accuracy for the classifier)."""
     model.eval()
     scores = {}
@@ -228,7 +235,7 @@ class MetricLog:
 
     def __init__(self, out_dir: Path, cfg: TrainConfig, resume: bool):
         self.path = out_dir / "metrics.jsonl"
-        self.file = open(self.path, "a" if resume else "w")
+        self.file = open(self.path, "a" if resume else "w")  # noqa: SIM115 - open for the run, closed by close()
         self.tb = self.wandb = None
         if cfg.tensorboard:
             try:
@@ -238,21 +245,17 @@ class MetricLog:
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))
         if cfg.wandb:
             try:
-                import os
-
                 import wandb
             except ImportError as exc:
                 raise SystemExit("--set wandb=true needs `pip install wandb`") from exc
-            os.environ.setdefault("WANDB_MODE", "offline")
             self.wandb = wandb.init(project="digit-reader", dir=str(out_dir), config=cfg.to_dict())
 
     def write(self, step: int, values: dict) -> None:
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
         for key, value in values.items():
-            if isinstance(value, (int, float)):
-                if self.tb:
-                    self.tb.add_scalar(key, value, step)
+            if isinstance(value, (int, float)) and self.tb:
+                self.tb.add_scalar(key, value, step)
         if self.wandb:
             self.wandb.log(values, step=step)
 
@@ -326,119 +329,144 @@ def _model_for(cfg: TrainConfig, device: torch.device, init_encoder: str, announ
     return model
 
 
+class _Stage:
+    """One stage of a run (the classifier stage or the reader): set-up, resume, the step loop, validation
+    and checkpoints, each in its own method. `budget_s` > 0 ends the stage on the clock, counted from
+    construction; rank 0 alone logs, validates and writes."""
+
+    def __init__(
+        self, cfg: TrainConfig, out: Path, place: Placement, data_root: str | None, resume: bool, budget_s: float,
+        init_encoder: str,
+    ):
+        self.entered = time.time()
+        self.cfg, self.out, self.place, self.budget_s = cfg, out, place, budget_s
+        out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        self.pools = load_pools(data_root, splits=("train", "val"))
+        self.model = _model_for(cfg, place.device, "" if resume else init_encoder, place.is_main)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.start_step, self.best, self.elapsed_before, self.samples = 0, -1.0, 0.0, 0
+        if resume:
+            self.restore()
+        if place.is_main:
+            (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        step_model = distributed.wrap(self.model, place)
+        self.step_model = cast(torch.nn.Module, torch.compile(step_model)) if cfg.compile else step_model
+        self.autocast = mixed_precision(place.device)
+        self.val = validation_batches(self.pools["val"], cfg)
+        self.log = MetricLog(out, cfg, resume) if place.is_main else None
+
+    def restore(self) -> None:
+        """Weights, optimizer, RNG and counters from OUT/last; refuses a changed config."""
+        last = self.out / "last.safetensors"
+        loaded, _ = load_checkpoint(last, device=str(self.place.device))
+        self.model.load_state_dict(loaded.state_dict())
+        extra = load_training_state(last, self.optimizer)
+        if extra["config"] != self.cfg.to_dict():
+            raise CheckpointError(f"cannot resume {self.out}: its training config differs from the one given now")
+        self.start_step, self.best = extra["step"], extra["best"]
+        self.elapsed_before, self.samples = extra["elapsed_s"], extra["samples"]
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.entered
+
+    def batches(self) -> torch.utils.data.DataLoader:
+        """The rank's micro-batches of every step from start_step on (train.batches.BatchMaker)."""
+        cfg, place = self.cfg, self.place
+        maker = BatchMaker(
+            self.pools["train"], cfg.mixture(), cfg.model, cfg.batch_size, cfg.seed, cfg.ramp_steps, place.rank,
+            place.world_size, cfg.groups, cfg.bank_size, cfg.bank_steps,
+        )
+        return torch.utils.data.DataLoader(
+            TrainingStream(maker, self.start_step, cfg.steps), batch_size=None, num_workers=cfg.loader_workers,
+            prefetch_factor=4 if cfg.loader_workers else None,
+        )
+
+    def snapshot(self, step: int, scores: dict | None, done: bool = False) -> None:
+        """OUT/last (and OUT/best when validation improved) with the optimizer state to resume from."""
+        info = {"step": step, "samples": self.samples, "elapsed_s": self.elapsed(), "finished": done}
+        training = {"config": self.cfg.to_dict(), **info}
+        if scores is not None and scores["mean"] > self.best:
+            self.best = scores["mean"]
+            save_checkpoint(self.out / "best", self.model, training, {"val_exact_match": scores})
+        save_checkpoint(self.out / "last", self.model, training, {"val_exact_match": scores} if scores else {})
+        save_training_state(self.out / "last", self.optimizer, {**info, "best": self.best, "config": self.cfg.to_dict()})
+
+    def evaluate(self, step: int) -> dict:
+        assert self.log is not None, "only rank 0 validates"
+        scores = validate(self.model, self.val, self.place.device)
+        self.log.write(step, {f"val_exact_{k}": v for k, v in scores.items()})
+        tqdm.write(f"step {step}: val exact-match " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        return scores
+
+    def run(self, on_validation: Callable[[int, dict[str, float]], bool] | None) -> dict:
+        """The step loop; returns the last validation scores (rank 0) or {}."""
+        cfg, place = self.cfg, self.place
+        if place.is_main:
+            processes = f", {place.world_size} processes of {cfg.batch_size // place.world_size} samples" if place.distributed else ""
+            length = f"{self.budget_s:.0f} s" if self.budget_s else f"steps {self.start_step}->{cfg.steps}"
+            print(f"{cfg.model.kind}: {count_parameters(self.model):,} parameters, device {place.device}, {length}{processes}")
+        self.model.train()
+        metrics: dict = {}
+        # A budgeted run stops early enough for its final validation and checkpoint to fit.
+        deadline = self.budget_s - min(15.0, max(1.0, 0.05 * self.budget_s)) if self.budget_s else 0.0
+        bar = tqdm(total=None if self.budget_s else cfg.steps, initial=self.start_step, dynamic_ncols=True, mininterval=2.0,
+                   disable=not place.is_main)
+        window_start, window_samples = time.time(), 0
+        completed, scored_at, ended = self.start_step, -1, False
+        for step, micro_batches in enumerate(self.batches(), start=self.start_step):
+            clock, out_of_time = distributed.agree_on_clock(place, self.elapsed(), deadline)
+            if out_of_time:
+                ended = True
+                break
+            lr = learning_rate(cfg, step, clock, deadline)
+            loss, grad_norm = training_step(self.step_model, self.optimizer, micro_batches, cfg, lr, place, self.autocast)
+            completed = step + 1
+            images = sum(len(b.digits) for b in micro_batches) * place.world_size
+            self.samples += images
+            window_samples += images
+            if completed == cfg.steps:
+                ended = True
+                break
+            if self.log is None:
+                continue  # rank 0 alone logs, validates and writes checkpoints
+            rate = window_samples / max(1e-9, time.time() - window_start)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}", refresh=False)
+            bar.update(1)
+            if completed % 50 == 0:
+                self.log.write(completed, {"loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": rate,
+                                           "samples": self.samples, "elapsed_s": self.elapsed()})
+                window_start, window_samples = time.time(), 0
+            if completed % cfg.eval_every == 0:
+                metrics, scored_at = self.evaluate(completed), completed
+            if scored_at == completed or completed % cfg.save_every == 0:
+                self.snapshot(completed, metrics if scored_at == completed else None)
+            if scored_at == completed and on_validation is not None and not on_validation(completed, metrics):
+                ended = True
+                break
+        bar.close()
+        if self.log is not None:
+            if scored_at != completed:
+                metrics = self.evaluate(completed)
+                if on_validation is not None:
+                    on_validation(completed, metrics)  # the run ends here whatever it answers
+            self.snapshot(completed, metrics, done=ended or completed == cfg.steps)
+            self.log.close()
+        return metrics
+
+
 def _train(
     cfg: TrainConfig, out: Path, place: Placement, data_root: str | None, resume: bool,
     on_validation: Callable[[int, dict[str, float]], bool] | None, budget_s: float, init_encoder: str,
 ) -> dict:
     """One stage: train cfg's model into out; budget_s > 0 ends it on the clock, counted from here."""
-    entered = time.time()
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    device = place.device
-    pools = load_pools(data_root, splits=("train", "val"))
-    model = _model_for(cfg, device, "" if resume else init_encoder, place.is_main)
-    optimizer = make_optimizer(model, cfg)
-    start_step, best, elapsed_before, samples_before = 0, -1.0, 0.0, 0
-    if resume:
-        last = out / "last.safetensors"
-        loaded, _ = load_checkpoint(last, device=str(device))
-        model.load_state_dict(loaded.state_dict())
-        extra = load_training_state(last, optimizer)
-        start_step, best = extra["step"], extra["best"]
-        elapsed_before, samples_before = extra["elapsed_s"], extra["samples"]
-        if extra["config"] != cfg.to_dict():
-            raise CheckpointError(f"cannot resume {out}: its training config differs from the one given now")
-    if place.is_main:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    step_model = distributed.wrap(model, place)
-    step_model = torch.compile(step_model) if cfg.compile else step_model
-    autocast = mixed_precision(device)
-    val = validation_batches(pools["val"], cfg)
-    log = MetricLog(out, cfg, resume) if place.is_main else None
-    maker = BatchMaker(
-        pools["train"], cfg.mixture(), cfg.model, cfg.batch_size, cfg.seed, cfg.ramp_steps, place.rank, place.world_size,
-        cfg.groups, cfg.bank_size, cfg.bank_steps,
-    )
-    loader = torch.utils.data.DataLoader(
-        TrainingStream(maker, start_step, cfg.steps), batch_size=None, num_workers=cfg.loader_workers,
-        prefetch_factor=4 if cfg.loader_workers else None,
-    )
-    if place.is_main:
-        processes = f", {place.world_size} processes of {cfg.batch_size // place.world_size} samples" if place.distributed else ""
-        length = f"{budget_s:.0f} s" if budget_s else f"steps {start_step}->{cfg.steps}"
-        print(f"{cfg.model.kind}: {count_parameters(model):,} parameters, device {device}, {length}{processes}")
-    model.train()
-    samples = samples_before
-    metrics: dict = {}
-
-    def elapsed() -> float:
-        return elapsed_before + time.time() - entered
-
-    def snapshot(step: int, scores: dict | None, done: bool = False) -> None:
-        nonlocal best
-        info = {"step": step, "samples": samples, "elapsed_s": elapsed(), "finished": done}
-        training = {"config": cfg.to_dict(), **info}
-        if scores is not None and scores["mean"] > best:
-            best = scores["mean"]
-            save_checkpoint(out / "best", model, training, {"val_exact_match": scores})
-        save_checkpoint(out / "last", model, training, {"val_exact_match": scores} if scores else {})
-        save_training_state(out / "last", optimizer, {**info, "best": best, "config": cfg.to_dict()})
-
-    def evaluate(step: int) -> dict:
-        scores = validate(model, val, device)
-        log.write(step, {f"val_exact_{k}": v for k, v in scores.items()})
-        tqdm.write(f"step {step}: val exact-match " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-        return scores
-
-    # A budgeted run stops early enough for its final validation and checkpoint to fit.
-    deadline = budget_s - min(15.0, max(1.0, 0.05 * budget_s)) if budget_s else 0.0
-    bar = tqdm(total=None if budget_s else cfg.steps, initial=start_step, dynamic_ncols=True, mininterval=2.0, disable=not place.is_main)
-    window_start, window_samples = time.time(), 0
-    completed, scored_at, ended = start_step, -1, False
-    for step, micro_batches in enumerate(loader, start=start_step):
-        clock, out_of_time = distributed.agree_on_clock(place, elapsed(), deadline)
-        if out_of_time:
-            ended = True
-            break
-        lr = learning_rate(cfg, step, clock, deadline)
-        loss, grad_norm = training_step(step_model, optimizer, micro_batches, cfg, lr, place, autocast)
-        completed = step + 1
-        images = sum(len(b.digits) for b in micro_batches) * place.world_size
-        samples += images
-        window_samples += images
-        if completed == cfg.steps:
-            ended = True
-            break
-        if not place.is_main:
-            continue  # rank 0 alone logs, validates and writes checkpoints
-        rate = window_samples / max(1e-9, time.time() - window_start)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}", refresh=False)
-        bar.update(1)
-        if completed % 50 == 0:
-            log.write(completed, {"loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": rate,
-                                  "samples": samples, "elapsed_s": elapsed()})
-            window_start, window_samples = time.time(), 0
-        if completed % cfg.eval_every == 0:
-            metrics, scored_at = evaluate(completed), completed
-        if scored_at == completed or completed % cfg.save_every == 0:
-            snapshot(completed, metrics if scored_at == completed else None)
-        if scored_at == completed and on_validation is not None and not on_validation(completed, metrics):
-            ended = True
-            break
-    bar.close()
-    if place.is_main:
-        if scored_at != completed:
-            metrics = evaluate(completed)
-            if on_validation is not None:
-                on_validation(completed, metrics)  # the run ends here whatever it answers
-        snapshot(completed, metrics, done=ended or completed == cfg.steps)
-        log.close()
-    return metrics
+    return _Stage(cfg, out, place, data_root, resume, budget_s, init_encoder).run(on_validation)
 
 
 def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
     """Apply `key=value` overrides; `model.key=value` reaches the model config. Values are JSON or strings."""
-    model_changes, changes = {}, {}
+    model_changes: dict[str, Any] = {}
+    changes: dict[str, Any] = {}
     for item in assignments:
         if "=" not in item:
             raise SystemExit(f"--set expects key=value, got {item!r}")

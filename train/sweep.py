@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from data.mnist import DATA_ROOT_ENV
-from train.loop import PRESETS, TrainConfig, apply_overrides, train
+from train.loop import PRESETS, TrainConfig, allow_tf32, apply_overrides, train
 
 HEAD_WIDTH = 32  # attention heads are d_model / HEAD_WIDTH wide (at least one head)
 
@@ -137,7 +138,6 @@ def save_plot(trials: list[FrozenTrial], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
 
     fig, (curves, history) = plt.subplots(1, 2, figsize=(11, 4))
@@ -152,7 +152,7 @@ def save_plot(trials: list[FrozenTrial], path: Path) -> None:
     curves.set_ylabel("val exact-match %")
     curves.set_title("Validation curves (dashed: pruned)")
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    numbers, values = [t.number for t in done], [100 * t.value for t in done]
+    numbers, values = [t.number for t in done], [100 * (t.value or 0.0) for t in done]
     history.scatter(numbers, values, label="trial")
     best = [max(values[: i + 1]) for i in range(len(values))]
     history.step(numbers, best, where="post", color="C3", label="best so far")
@@ -174,7 +174,7 @@ def write_report(study: optuna.Study, out: Path) -> Path:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:
         best = study.best_trial
-        lines += [f"Best: trial {best.number}, val exact-match {100 * best.value:.1f}%, "
+        lines += [f"Best: trial {best.number}, val exact-match {100 * (best.value or 0.0):.1f}%, "
                   f"run {best.user_attrs.get('run')}, settings `{json.dumps(best.params)}`.", ""]
     path = out / "results.md"
     path.write_text("\n".join(lines))
@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wandb", action="store_true", help="also log every trial to wandb (offline unless WANDB_MODE is set)")
     parser.add_argument("--data-root", default=None, help=f"MNIST root (default ${DATA_ROOT_ENV} or data/mnist)")
     args = parser.parse_args(argv)
+    allow_tf32()
+    os.environ.setdefault("WANDB_MODE", "offline")
     out = Path(args.out or f"runs/sweeps/{args.study}")
     out.mkdir(parents=True, exist_ok=True)
     base = apply_overrides(replace(PRESETS[args.preset], eval_every=args.eval_every, wandb=args.wandb), args.overrides)
