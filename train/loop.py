@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from data.mnist import DigitPool, load_pools
 from data.synth import STYLES, SequenceSynth
-from model.checkpoint import CheckpointError, load_checkpoint, load_training_state, read_meta, save_checkpoint, save_training_state
+from model.checkpoint import CheckpointError, git_commit, load_checkpoint, load_training_state, read_meta, save_checkpoint, save_training_state
 from model.decoding import read_batch
 from model.network import DigitClassifier, DigitReader, ModelConfig, build_model, count_parameters
 from train import distributed
@@ -346,6 +346,9 @@ class _Stage:
         self.model = _model_for(cfg, place.device, "" if resume else init_encoder, place.is_main)
         self.optimizer = make_optimizer(self.model, cfg)
         self.start_step, self.best, self.elapsed_before, self.samples = 0, -1.0, 0.0, 0
+        # The code that trains is the code of the commit the run started from; the JSON's git_commit says
+        # only which commit was checked out when a checkpoint was written.
+        self.started_at_commit = git_commit()
         if resume:
             self.restore()
         if place.is_main:
@@ -366,6 +369,7 @@ class _Stage:
             raise CheckpointError(f"cannot resume {self.out}: its training config differs from the one given now")
         self.start_step, self.best = extra["step"], extra["best"]
         self.elapsed_before, self.samples = extra["elapsed_s"], extra["samples"]
+        self.started_at_commit = extra.get("started_at_commit", self.started_at_commit)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.entered
@@ -384,7 +388,8 @@ class _Stage:
 
     def snapshot(self, step: int, scores: dict | None, done: bool = False) -> None:
         """OUT/last (and OUT/best when validation improved) with the optimizer state to resume from."""
-        info = {"step": step, "samples": self.samples, "elapsed_s": self.elapsed(), "finished": done}
+        info = {"step": step, "samples": self.samples, "elapsed_s": self.elapsed(), "finished": done,
+                "started_at_commit": self.started_at_commit}
         training = {"config": self.cfg.to_dict(), **info}
         if scores is not None and scores["mean"] > self.best:
             self.best = scores["mean"]
