@@ -19,7 +19,7 @@ from streamlit_drawable_canvas import st_canvas
 
 from app_support.checkpoints import CHECKPOINTS_ENV, checkpoint_folder, reader_checkpoints
 from app_support.examples import LAYOUT_CHOICES, STYLE_CHOICES, Example, shipped_example, synthesize_example
-from app_support.inputs import UPLOAD_TYPES, canvas_image, image_digest
+from app_support.inputs import BEAM_WIDTH, UPLOAD_TYPES, canvas_image, image_digest
 from app_support.visuals import (
     NO_DIGITS,
     alternatives_table,
@@ -37,7 +37,6 @@ from model.checkpoint import CheckpointError
 from model.pipeline import ReadResult, SequenceReader
 from model.preprocess import ImageReadError, NoInkError, load_image
 
-BEAM_WIDTH = 4
 SOURCES = ("Draw", "Upload", "Camera", "Example")
 CANVAS_WIDTH, CANVAS_HEIGHT = 900, 260
 DEFAULT_BRUSH = 16  # px: digits drawn 100-150 px tall then look like a marker

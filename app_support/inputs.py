@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 UPLOAD_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif")
+BEAM_WIDTH = 4  # the app answers with the best of a beam search this wide, and lists its hypotheses
 
 
 def canvas_image(json_data: dict | None, image_data: np.ndarray | None) -> Image.Image | None:

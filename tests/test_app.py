@@ -19,7 +19,7 @@ from streamlit.testing.v1 import AppTest
 import data.mnist
 from app_support.checkpoints import CHECKPOINTS_ENV, reader_checkpoints
 from app_support.examples import EXAMPLES_DIR, LABELS_FILE, shipped_example, synthesize_example
-from app_support.inputs import canvas_image, image_digest
+from app_support.inputs import BEAM_WIDTH, canvas_image, image_digest
 from app_support.visuals import NO_DIGITS, attention_overlay, confidence_chart, select_attention, step_labels
 from data.synth import LAYOUTS
 from model.checkpoint import checkpoint_paths
@@ -76,6 +76,11 @@ def shipped_name(image: Image.Image) -> str:
     return next(p.name for p in EXAMPLES_DIR.glob("*.png") if image_digest(load_image(p)) == image_digest(image))
 
 
+def app_read(reader: SequenceReader, image: Image.Image) -> ReadResult:
+    """The reading the app shows for an image: the answer of a beam of the app's width."""
+    return reader.read([image], beam=BEAM_WIDTH, attention=True)[0]
+
+
 def displayed(result: ReadResult) -> str:
     """What the app should show in large type for this reading."""
     return result.text or NO_DIGITS
@@ -110,7 +115,7 @@ def test_empty_canvas_shows_hint_not_error(app: AppTest) -> None:
 def test_uploaded_png_is_read_with_confidence_beam_and_attention(app: AppTest, reader: SequenceReader) -> None:
     upload(app, EXAMPLE_PNG.name, EXAMPLE_PNG.read_bytes())
     assert not app.exception and not app.error
-    expected = reader.read([load_image(EXAMPLE_PNG)], beam=4, attention=True)[0]
+    expected = app_read(reader, load_image(EXAMPLE_PNG))
     assert shown_reading(app) == displayed(expected)
     captions = [c for image in app.image for c in image.captions]
     assert any(c.startswith("Input, 106x28") for c in captions)
@@ -144,7 +149,7 @@ def test_other_formats_are_read(app: AppTest, reader: SequenceReader, fmt: str, 
     data = encode(load_image(EXAMPLE_PNG).convert("RGB"), fmt, **options)
     upload(app, name, data, mime)
     assert not app.exception and not app.error
-    assert shown_reading(app) == displayed(reader.read([load_image(data)])[0])
+    assert shown_reading(app) == displayed(app_read(reader, load_image(data)))
 
 
 def test_16_bit_png_is_read_and_shown(app: AppTest, reader: SequenceReader) -> None:
@@ -153,7 +158,7 @@ def test_16_bit_png_is_read_and_shown(app: AppTest, reader: SequenceReader) -> N
     assert load_image(data).mode.startswith("I")
     upload(app, "scan16.png", data)
     assert not app.exception and not app.error
-    assert shown_reading(app) == displayed(reader.read([load_image(data)])[0])
+    assert shown_reading(app) == displayed(app_read(reader, load_image(data)))
 
 
 def test_gif_uses_its_first_frame(app: AppTest, reader: SequenceReader) -> None:
@@ -162,7 +167,7 @@ def test_gif_uses_its_first_frame(app: AppTest, reader: SequenceReader) -> None:
     data = encode(first, "GIF", save_all=True, append_images=[blank])
     upload(app, "digits.gif", data, "image/gif")
     assert not app.exception and not app.error
-    assert shown_reading(app) == displayed(reader.read([first])[0])
+    assert shown_reading(app) == displayed(app_read(reader, first))
 
 
 def test_exif_orientation_is_honoured(app: AppTest) -> None:
@@ -182,7 +187,7 @@ def test_camera_photo_is_read(app: AppTest, reader: SequenceReader) -> None:
     app.camera_input[0].set_value(("photo.jpg", photo, "image/jpeg"))
     app.run()
     assert not app.exception and not app.error
-    assert shown_reading(app) == displayed(reader.read([load_image(photo)])[0])
+    assert shown_reading(app) == displayed(app_read(reader, load_image(photo)))
 
 
 def test_garbage_upload_shows_error_and_app_keeps_running(app: AppTest) -> None:
@@ -235,7 +240,7 @@ def test_example_button_shows_prediction_and_true_digits(app: AppTest, reader: S
     assert len(example.digits) == 4  # a 2x2 grid
     truth = next(m.value for m in app.markdown if m.value.startswith("True digits:"))
     assert f"**{example.text}**" in truth
-    predicted = reader.read([example.image])[0]
+    predicted = app_read(reader, example.image)
     assert shown_reading(app) == displayed(predicted)
     assert ("correct" in truth) == (predicted.digits == example.digits)
     assert ("wrong" in truth) == (predicted.digits != example.digits)
