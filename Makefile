@@ -32,7 +32,7 @@ read: setup
 	$(PY) -m model.read examples/*.png
 
 eval: setup
-	$(PY) -m train.evaluate --suites all --n 2000 --beam 4 --out docs/eval
+	$(PY) -m train.evaluate --suites all --n 2000 --beam 4 --beam-n 300 --out docs/eval
 
 train: setup
 	$(PY) -m train --preset default --out runs/default
@@ -41,7 +41,7 @@ race: setup
 	$(PY) -m train --preset race --out runs/race
 
 calibrate: setup
-	$(PY) -m train.calibrate --checkpoint checkpoints/digit-reader.safetensors
+	$(PY) -m train.calibrate --checkpoint checkpoints/digit-reader.safetensors --n 300
 
 bench-train: setup
 	$(PY) -m benchmarks.training
