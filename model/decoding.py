@@ -9,6 +9,7 @@ them probabilities of being right (see train/calibrate.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +48,36 @@ class BeamHypothesis:
     @property
     def probability(self) -> float:
         return float(torch.tensor(self.log_prob).exp())
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How a checkpoint's raw probabilities become probabilities of being right (train/calibrate.py).
+
+    Step probabilities are softmax(logits / temperature); a reading's confidence is then
+    sigmoid(slope * logit(product of its step probabilities) + intercept). A temperature alone
+    left the model under-confident above 0.9 and over-confident in the middle; the two-parameter
+    map on the whole reading's probability corrects both.
+    """
+
+    temperature: float = 1.0
+    slope: float = 1.0
+    intercept: float = 0.0
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Calibration:
+        found = meta.get("calibration", {})
+        return cls(float(found.get("temperature", 1.0)), float(found.get("slope", 1.0)), float(found.get("intercept", 0.0)))
+
+    def confidence(self, probability: float) -> float:
+        """The calibrated confidence of a reading whose steps multiply to `probability`."""
+        if self.slope == 1.0 and self.intercept == 0.0:
+            return probability
+        p = min(max(probability, 1e-9), 1 - 1e-9)
+        return 1.0 / (1.0 + math.exp(-(self.slope * math.log(p / (1 - p)) + self.intercept)))
+
+
+UNCALIBRATED = Calibration()  # a checkpoint's own probabilities
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from model.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint
-from model.decoding import BeamHypothesis, Reading, read_batch
+from model.decoding import BeamHypothesis, Calibration, Reading, read_batch
 from model.network import DigitReader
 from model.preprocess import Preprocessed, batch_images, preprocess_image
 
@@ -54,7 +54,7 @@ class SequenceReader:
         self.checkpoint = Path(checkpoint)
         self.device = device
         # Calibration (train/calibrate.py) makes the printed confidence the probability of being right.
-        self.temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
+        self.calibration = Calibration.from_meta(meta)
 
     def preprocess(self, image: Image.Image | np.ndarray) -> Preprocessed:
         """The canonical input this model reads: its own digit height and largest canvas, from its checkpoint."""
@@ -82,7 +82,7 @@ class SequenceReader:
             chunk = order[start : start + batch_size]
             batch, mask = batch_images([prepared[i].image for i in chunk])
             batch, mask = batch.to(self.device), mask.to(self.device)
-            answers = read_batch(self.model, batch, mask, beam=beam, attention=attention, temperature=self.temperature)
+            answers = read_batch(self.model, batch, mask, beam=beam, attention=attention, temperature=self.calibration.temperature)
             for i, (reading, alternatives) in zip(chunk, answers):
                 if reading.attention is not None:
                     # Crop the attention grid to this image's own tokens (the batch was padded).
@@ -90,7 +90,7 @@ class SequenceReader:
                     h, w = (-(-s // stride) for s in prepared[i].image.shape)
                     reading.attention = reading.attention[..., :h, :w]
                     reading.grid = (h, w)
-                results[i] = ReadResult(reading.digits, reading.confidence, reading, prepared[i], alternatives)
+                results[i] = ReadResult(reading.digits, self.calibration.confidence(reading.confidence), reading, prepared[i], alternatives)
         elapsed = time.perf_counter() - started
         done = [result for result in results if result is not None]
         for result in done:

@@ -4,7 +4,8 @@ import numpy as np
 
 from data.suites import suite_samples
 from model.checkpoint import save_checkpoint
-from train.calibrate import confidences, fit_temperature
+from model.decoding import Calibration
+from train.calibrate import confidences, fit_logistic, fit_temperature
 from train.evaluate import by_length, edit_distance, error_kinds, expected_calibration_error, main, score
 
 
@@ -97,3 +98,14 @@ def test_fitted_temperature_recovers_the_one_that_made_the_data():
         true_confidence = confidences([(digits, logits)], 2.0)[0]
         correct.append(rng.random() < true_confidence)
     assert abs(fit_temperature(answers, np.asarray(correct, dtype=float)) - 2.0) < 0.25
+
+
+def test_logistic_map_recovers_the_slope_and_intercept_that_made_the_data():
+    rng = np.random.default_rng(1)
+    confidence = rng.uniform(0.01, 0.99, size=20000)
+    truth = 1 / (1 + np.exp(-(1.5 * np.log(confidence / (1 - confidence)) - 0.7)))
+    slope, intercept = fit_logistic(confidence, (rng.random(20000) < truth).astype(float))
+    assert abs(slope - 1.5) < 0.1 and abs(intercept + 0.7) < 0.1
+    mapped = Calibration(1.0, slope, intercept)
+    assert abs(mapped.confidence(0.5) - truth[np.argmin(np.abs(confidence - 0.5))]) < 0.05
+    assert Calibration().confidence(0.37) == 0.37  # no calibration: the model's own probability

@@ -2,14 +2,15 @@
 
 The confidence the app and the CLI print is the product of the step
 probabilities of the reading (digits and end token). Training with label
-smoothing leaves them too low, so a clean "3" read right shows 82%. One scalar
-fixes it: logits are divided by a temperature T before the softmax. T is fitted
-on images built from MNIST's *validation* digits, every evaluation suite's
-layout and style, by minimising the log loss of "the reading is exactly right"
-under the sequence confidence. The argmax at each step does not depend on T, so
-greedy readings are unchanged. T goes into the checkpoint's JSON
-(`calibration.temperature`), where `model.pipeline.SequenceReader` and
-`train.evaluate` read it; the test digits stay untouched for evaluation.
+smoothing leaves them too low, so a clean "3" read right shows 82%. Two steps fix
+it (`model.decoding.Calibration`): logits are divided by a temperature T before the
+softmax, and the reading's probability p is mapped to sigmoid(a * logit(p) + b).
+Both are fitted on images built from MNIST's *validation* digits, every evaluation
+suite's layout and style, by minimising the log loss of "the reading is exactly
+right": T on a grid, then (a, b) by Newton's method. The argmax at each step does
+not depend on T, so greedy readings are unchanged. They go into the checkpoint's
+JSON (`calibration`), where `model.pipeline.SequenceReader` and `train.evaluate`
+read them; the test digits stay untouched for evaluation.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from data.mnist import DATA_ROOT_ENV, load_pools
 from data.suites import SUITES, suite_samples
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, update_meta
-from model.decoding import read_batch
+from model.decoding import Calibration, read_batch
 from model.network import BOS, EOS, DigitReader
 from model.preprocess import batch_images
 from train.batches import canonical_images
@@ -69,6 +70,19 @@ def fit_temperature(answers: list[tuple[list[int], np.ndarray]], correct: np.nda
     return float(TEMPERATURES[int(np.argmin(losses))])
 
 
+def fit_logistic(confidence: np.ndarray, correct: np.ndarray, iterations: int = 50) -> tuple[float, float]:
+    """(slope, intercept) of sigmoid(slope * logit(confidence) + intercept) of least log loss (Newton's method)."""
+    p = np.clip(confidence, 1e-9, 1 - 1e-9)
+    x = np.stack([np.log(p / (1 - p)), np.ones_like(p)], axis=1)
+    weights = np.array([1.0, 0.0])
+    for _ in range(iterations):
+        predicted = 1 / (1 + np.exp(-(x @ weights)))
+        gradient = x.T @ (predicted - correct)
+        hessian = (x * (predicted * (1 - predicted))[:, None]).T @ x + 1e-9 * np.eye(2)
+        weights -= np.linalg.solve(hessian, gradient)
+    return float(weights[0]), float(weights[1])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.calibrate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,16 +105,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name}: {np.mean(correct[-len(samples):]):.4f} exact on validation digits", flush=True)
     right = np.asarray(correct, dtype=np.float64)
     temperature = fit_temperature(answers, right)
-    before, after = confidences(answers, 1.0), confidences(answers, temperature)
+    before, scaled = confidences(answers, 1.0), confidences(answers, temperature)
+    slope, intercept = fit_logistic(scaled, right)
+    calibration = Calibration(round(temperature, 4), round(slope, 4), round(intercept, 4))
+    after = np.array([calibration.confidence(c) for c in scaled])
     record: dict[str, float | str] = {
-        "temperature": round(temperature, 4),
+        "temperature": calibration.temperature,
+        "slope": calibration.slope,
+        "intercept": calibration.intercept,
         "fitted_on": f"{len(answers)} images built from MNIST validation digits, {args.n} per suite of {', '.join(names)}",
         "ece_before": round(expected_calibration_error(before.tolist(), correct), 5),
         "ece_after": round(expected_calibration_error(after.tolist(), correct), 5),
         "log_loss_before": round(log_loss(before, right), 5),
         "log_loss_after": round(log_loss(after, right), 5),
     }
-    print(f"temperature {temperature:.4g}: expected calibration error {100 * float(record['ece_before']):.2f}% -> "
+    print(f"temperature {temperature:.4g}, slope {slope:.4g}, intercept {intercept:.4g}: "
+          f"expected calibration error {100 * float(record['ece_before']):.2f}% -> "
           f"{100 * float(record['ece_after']):.2f}%, log loss {record['log_loss_before']} -> {record['log_loss_after']}")
     if not args.dry_run:
         update_meta(args.checkpoint, "calibration", record)

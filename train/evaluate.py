@@ -22,7 +22,7 @@ import torch
 from data.mnist import DATA_ROOT_ENV, load_pools
 from data.suites import CORE_SUITES, SUITES, suite_samples
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from model.decoding import read_batch
+from model.decoding import UNCALIBRATED, Calibration, read_batch
 from model.network import DigitClassifier, DigitReader, ModelConfig
 from model.preprocess import batch_images
 from train.batches import canonical_images
@@ -41,7 +41,7 @@ def edit_distance(a: list[int], b: list[int]) -> int:
 @torch.no_grad()
 def predict(
     model: DigitReader | DigitClassifier, images: list[np.ndarray], batch_size: int = 128, beam: int = 0,
-    temperature: float = 1.0,
+    calibration: Calibration = UNCALIBRATED,
 ) -> tuple[list[list[int]], list[float], float]:
     """Answers for canonical images, read as the app and the CLI read (model.decoding.read_batch: the best
     beam hypothesis if beam > 1, else greedy); returns (digits, confidences, seconds)."""
@@ -54,10 +54,11 @@ def predict(
         batch, mask = batch_images([images[i] for i in chunk])
         began = time.perf_counter()
         if isinstance(model, DigitClassifier):
-            probs = (model(batch, mask) / temperature).softmax(-1).max(-1)
+            probs = (model(batch, mask) / calibration.temperature).softmax(-1).max(-1)
             outputs = [([int(d)], float(p)) for p, d in zip(*probs)]
         else:
-            outputs = [(reading.digits, reading.confidence) for reading, _ in read_batch(model, batch, mask, beam, temperature=temperature)]
+            answers = read_batch(model, batch, mask, beam, temperature=calibration.temperature)
+            outputs = [(reading.digits, calibration.confidence(reading.confidence)) for reading, _ in answers]
         seconds += time.perf_counter() - began
         for i, (digits, confidence) in zip(chunk, outputs):
             predicted[i], confidences[i] = digits, confidence
@@ -151,14 +152,14 @@ def expected_calibration_error(confidences: list[float], correct: list[bool], bi
 
 def evaluate_suites(
     model: DigitReader | DigitClassifier, pools: dict, names: list[str], n: int, seed: int, beam: int, beam_n: int,
-    batch_size: int, temperature: float = 1.0,
+    batch_size: int, calibration: Calibration = UNCALIBRATED,
 ) -> dict:
     results = {}
     for name in names:
         samples = suite_samples(name, pools["test"], n, seed)
         images = canonical_images(samples, model.cfg)
         truth = [s.digits for s in samples]
-        greedy, confidences, seconds = predict(model, images, batch_size, temperature=temperature)
+        greedy, confidences, seconds = predict(model, images, batch_size, calibration=calibration)
         entry = {"suite": name, "n": len(samples), **score(truth, greedy), "images_per_s": len(samples) / seconds}
         entry["error_kinds"] = error_kinds(truth, greedy)
         entry["confidences"] = [round(c, 5) for c in confidences]
@@ -167,7 +168,7 @@ def evaluate_suites(
             # Beam search is several times slower: it is scored on the first beam_n images,
             # beside greedy on the same images so the two compare fairly.
             k = min(beam_n, len(samples))
-            beamed, _, _ = predict(model, images[:k], batch_size, beam, temperature)
+            beamed, _, _ = predict(model, images[:k], batch_size, beam, calibration)
             entry.update(beam_n=k, beam_exact_match=score(truth[:k], beamed)["exact_match"],
                          greedy_exact_match_on_beam_images=score(truth[:k], greedy[:k])["exact_match"])
         entry["by_length"] = by_length(truth, greedy)
@@ -353,25 +354,25 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown suites {unknown}; choose from {', '.join(SUITES)}")
     model, meta = load_checkpoint(args.checkpoint)
-    temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
+    calibration = Calibration.from_meta(meta)
     if isinstance(model, DigitClassifier):
         names = [s for s in names if SUITES[s].layout in ("single", "mnist")]
     pools = load_pools(args.data_root)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"evaluating {args.checkpoint} on {', '.join(names)} ({args.n} images each, seed {args.seed})", flush=True)
-    results = evaluate_suites(model, pools, names, args.n, args.seed, args.beam, args.beam_n, args.batch_size, temperature)
-    calibration = calibration_summary(results)
-    table, errors = markdown_table(results), errors_table(results, calibration)
+    results = evaluate_suites(model, pools, names, args.n, args.seed, args.beam, args.beam_n, args.batch_size, calibration)
+    summary = calibration_summary(results)
+    table, errors = markdown_table(results), errors_table(results, summary)
     print(table)
     print()
     print(errors)
     report = {"checkpoint": str(args.checkpoint), "n": args.n, "seed": args.seed, "beam": args.beam, "beam_n": args.beam_n,
-              "temperature": temperature, "torch_threads": torch.get_num_threads(), "calibration": calibration,
+              "calibration_map": meta.get("calibration", {}), "torch_threads": torch.get_num_threads(), "calibration": summary,
               "suites": results, "table": table, "errors_table": errors}
     (out / "results.json").write_text(json.dumps(report) + "\n")
     if not args.no_plots:
-        for path in [*save_plots(results, out, pools, args.n, args.seed, model.cfg), reliability_plot(calibration, out / "reliability.png")]:
+        for path in [*save_plots(results, out, pools, args.n, args.seed, model.cfg), reliability_plot(summary, out / "reliability.png")]:
             print(f"wrote {path}")
     print(f"wrote {out / 'results.json'}")
 
