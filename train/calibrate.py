@@ -23,7 +23,7 @@ import torch
 from data.mnist import DATA_ROOT_ENV, load_pools
 from data.suites import SUITES, suite_samples
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, update_meta
-from model.decoding import Calibration, read_batch
+from model.decoding import Calibration, greedy_decode
 from model.network import BOS, EOS, DigitReader
 from model.preprocess import batch_images
 from train.batches import canonical_images
@@ -39,7 +39,7 @@ def answer_logits(model: DigitReader, images: list[np.ndarray], batch_size: int 
     for start in range(0, len(images), batch_size):
         batch, mask = batch_images(images[start : start + batch_size])
         encoded = model.encoder(batch, mask)
-        answers = [reading.digits for reading, _ in read_batch(model, batch, mask)]
+        answers = [reading.digits for reading in greedy_decode(model, batch, mask, encoded=encoded)]
         length = max(len(a) for a in answers) + 1
         tokens = torch.full((len(answers), length), EOS, dtype=torch.long)
         for b, digits in enumerate(answers):

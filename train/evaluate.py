@@ -28,14 +28,19 @@ from model.preprocess import batch_images
 from train.batches import canonical_images
 
 
-def edit_distance(a: list[int], b: list[int]) -> int:
-    previous = list(range(len(b) + 1))
+def edit_table(a: list[int], b: list[int]) -> list[list[int]]:
+    """Levenshtein table: entry [i][j] is the edit distance between a[:i] and b[:j]."""
+    table = [list(range(len(b) + 1))]
     for i, x in enumerate(a, 1):
-        current = [i]
+        row = [i]
         for j, y in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
-        previous = current
-    return previous[-1]
+            row.append(min(table[-1][j] + 1, row[j - 1] + 1, table[-1][j - 1] + (x != y)))
+        table.append(row)
+    return table
+
+
+def edit_distance(a: list[int], b: list[int]) -> int:
+    return edit_table(a, b)[-1][-1]
 
 
 @torch.no_grad()
@@ -109,18 +114,14 @@ def error_kinds(truth: list[list[int]], predicted: list[list[int]]) -> dict[str,
         if t == p:
             continue
         kinds = set()
-        table = np.zeros((len(t) + 1, len(p) + 1), dtype=np.int64)
-        table[:, 0], table[0, :] = np.arange(len(t) + 1), np.arange(len(p) + 1)
-        for i in range(1, len(t) + 1):
-            for j in range(1, len(p) + 1):
-                table[i, j] = min(table[i - 1, j] + 1, table[i, j - 1] + 1, table[i - 1, j - 1] + (t[i - 1] != p[j - 1]))
+        table = edit_table(t, p)
         i, j = len(t), len(p)
         while i or j:  # walk one minimal alignment back
-            if i and j and table[i, j] == table[i - 1, j - 1] + (t[i - 1] != p[j - 1]):
+            if i and j and table[i][j] == table[i - 1][j - 1] + (t[i - 1] != p[j - 1]):
                 if t[i - 1] != p[j - 1]:
                     kinds.add("wrong_digit")
                 i, j = i - 1, j - 1
-            elif j and table[i, j] == table[i, j - 1] + 1:
+            elif j and table[i][j] == table[i][j - 1] + 1:
                 kinds.add("extra_digit")
                 if (j >= 2 and p[j - 2] == p[j - 1]) or (j < len(p) and p[j] == p[j - 1]):
                     kinds.add("duplicated_digit")
