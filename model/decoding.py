@@ -3,8 +3,8 @@ the one path by which the app, the CLI, evaluation and training-time validation 
 
 Every function takes images already preprocessed to the model's canonical form
 (see `model/preprocess.py`) and returns digit lists, never token ids. Probabilities
-are softmax(logits / temperature): the checkpoint's calibration temperature makes
-them probabilities of being right (see train/calibrate.py).
+are softmax(logits / temperature); `Calibration` holds a checkpoint's temperature and
+the map that turns a reading's probability into the probability of being right.
 """
 
 from __future__ import annotations
@@ -107,6 +107,11 @@ def _to_readings(trace: _GreedyTrace, encoded: EncodedImages, return_attention: 
     return readings
 
 
+def _rows(encoded: EncodedImages, index: torch.Tensor) -> EncodedImages:
+    """The encoder output of the images at `index` (repeats allowed: beam search fans each image out)."""
+    return EncodedImages(encoded.memory.index_select(0, index), encoded.token_mask.index_select(0, index), encoded.grid, encoded.has_padding)
+
+
 @torch.no_grad()
 def greedy_decode(
     model: DigitReader,
@@ -172,11 +177,7 @@ def beam_search(
     batch, device = images.shape[0], images.device
     steps = _max_steps(model, max_digits)
     # Every image starts with one live beam; the others begin at -inf so the first step fans out.
-    expand = torch.arange(batch, device=device).repeat_interleave(beam_size)
-    encoded = EncodedImages(
-        encoded.memory.index_select(0, expand), encoded.token_mask.index_select(0, expand), encoded.grid,
-        encoded.has_padding,
-    )
+    encoded = _rows(encoded, torch.arange(batch, device=device).repeat_interleave(beam_size))
     state = model.decoder.start(encoded, steps)
     scores = torch.full((batch, beam_size), float("-inf"), device=device)
     scores[:, 0] = 0.0
@@ -226,11 +227,6 @@ def beam_search(
     return finished
 
 
-def _rows(encoded: EncodedImages, rows: list[int]) -> EncodedImages:
-    index = torch.tensor(rows, device=encoded.memory.device)
-    return EncodedImages(encoded.memory.index_select(0, index), encoded.token_mask.index_select(0, index), encoded.grid, encoded.has_padding)
-
-
 @torch.no_grad()
 def score_sequences(
     model: DigitReader, encoded: EncodedImages, sequences: list[list[int]], return_attention: bool = False,
@@ -278,7 +274,8 @@ def read_batch(
     beams = beam_search(model, images, pixel_mask, beam_size=beam, temperature=temperature, encoded=encoded)
     differ = [i for i, (reading, hyps) in enumerate(zip(readings, beams)) if hyps and hyps[0].digits != reading.digits]
     if differ:
-        rescored = score_sequences(model, _rows(encoded, differ), [beams[i][0].digits for i in differ], attention, temperature)
+        subset = _rows(encoded, torch.tensor(differ, device=images.device))
+        rescored = score_sequences(model, subset, [beams[i][0].digits for i in differ], attention, temperature)
         for i, reading in zip(differ, rescored):
             readings[i] = reading
     return list(zip(readings, beams))

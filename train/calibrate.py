@@ -24,9 +24,9 @@ from data.mnist import DATA_ROOT_ENV, load_pools
 from data.suites import SUITES, suite_samples
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, update_meta
 from model.decoding import Calibration, greedy_decode
-from model.network import BOS, EOS, DigitReader
+from model.network import EOS, DigitReader
 from model.preprocess import batch_images
-from train.batches import canonical_images
+from train.batches import canonical_images, sequence_tensors
 from train.evaluate import expected_calibration_error
 
 TEMPERATURES = np.geomspace(0.25, 4.0, 161)
@@ -40,10 +40,7 @@ def answer_logits(model: DigitReader, images: list[np.ndarray], batch_size: int 
         batch, mask = batch_images(images[start : start + batch_size])
         encoded = model.encoder(batch, mask)
         answers = [reading.digits for reading in greedy_decode(model, batch, mask, encoded=encoded)]
-        length = max(len(a) for a in answers) + 1
-        tokens = torch.full((len(answers), length), EOS, dtype=torch.long)
-        for b, digits in enumerate(answers):
-            tokens[b, : len(digits) + 1] = torch.tensor([BOS, *digits])
+        tokens, _ = sequence_tensors(answers)
         logits = model.decoder(tokens, encoded)[0].float().numpy()
         out += [(digits, logits[b, : len(digits) + 1]) for b, digits in enumerate(answers)]
     return out
