@@ -11,39 +11,42 @@ from __future__ import annotations
 import secrets
 import time
 
+import numpy as np
 import streamlit as st
 import torch
 from PIL import Image
 from streamlit.runtime.uploaded_file_manager import UploadedFile
+from streamlit_cropper import st_cropper
 from streamlit_drawable_canvas import st_canvas
 
 from app_support.checkpoints import CHECKPOINTS_ENV, checkpoint_folder, reader_checkpoints
 from app_support.examples import LAYOUT_CHOICES, STYLE_CHOICES, Example, shipped_example, synthesize_example
-from app_support.inputs import BEAM_WIDTH, UPLOAD_TYPES, canvas_image, image_digest
+from app_support.inputs import BEAM_WIDTH, UPLOAD_TYPES, canvas_image, image_digest, suggested_box
 from app_support.visuals import (
     NO_DIGITS,
     alternatives_table,
     attention_overlay,
+    browser_mode,
     confidence_chart,
     display_copy,
+    draw_marks,
     gray_to_image,
+    marks_scale,
     overlay_zoom,
     overlays_per_row,
+    reading_json,
+    reading_style,
     select_attention,
     step_labels,
 )
 from data.mnist import DatasetMissingError, DigitPool, load_pools
 from model.checkpoint import CheckpointError
-from model.pipeline import ReadResult, SequenceReader
+from model.pipeline import DigitMark, ReadResult, SequenceReader, digit_marks
 from model.preprocess import ImageReadError, NoInkError, load_image
 
 SOURCES = ("Draw", "Upload", "Camera", "Example")
 CANVAS_WIDTH, CANVAS_HEIGHT = 900, 260
 DEFAULT_BRUSH = 16  # px: digits drawn 100-150 px tall then look like a marker
-READING_STYLE = (
-    "font-size: 4.5rem; font-weight: 600; font-family: ui-monospace, monospace; "
-    "letter-spacing: 0.12em; line-height: 1.1; word-break: break-all"
-)
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model...")
@@ -131,6 +134,32 @@ def file_input(upload: UploadedFile | None, hint: str) -> Image.Image | None:
         return None
 
 
+def crop_input(reader: SequenceReader, image: Image.Image, key: str) -> Image.Image:
+    """Rotate buttons and a crop box over the photo, first placed around the digits that preprocessing
+    finds (rules, borders and stray marks left out); returns the image turned and cropped as shown."""
+    turns_key = f"turns-{key}"
+    st.session_state.setdefault(turns_key, 0)
+    left_column, right_column, hint_column = st.columns([1, 1, 4], vertical_alignment="center")
+    if left_column.button("Rotate left", help="Turn the image 90 degrees anticlockwise."):
+        st.session_state[turns_key] += 1
+    if right_column.button("Rotate right", help="Turn the image 90 degrees clockwise."):
+        st.session_state[turns_key] -= 1
+    hint_column.caption("Drag the box's corners to frame the digits: the reading follows the box.")
+    turns = st.session_state[turns_key] % 4
+    turned = image.rotate(90 * turns, expand=True) if turns else image
+    box_key = f"box-{key}-{turns}"
+    if box_key not in st.session_state:
+        left, top, right, bottom = suggested_box(reader, turned)
+        st.session_state[box_key] = (left, right, top, bottom)  # the cropper's order
+    rect = st_cropper(
+        browser_mode(turned), default_coords=st.session_state[box_key], return_type="box", box_color="#ff4b4b",
+        realtime_update=True, key=f"cropper-{key}-{turns}",
+    )
+    left, top = max(0, int(rect["left"])), max(0, int(rect["top"]))
+    right, bottom = min(turned.width, left + max(1, int(rect["width"]))), min(turned.height, top + max(1, int(rect["height"])))
+    return turned.crop((left, top, right, bottom))
+
+
 def example_input() -> Example | None:
     """Layout and style choices and the button for a new random example; the current example, if any."""
     layout_column, style_column, button_column = st.columns([1, 1, 2], vertical_alignment="bottom")
@@ -155,9 +184,9 @@ def example_input() -> Example | None:
     return example
 
 
-def read_once(reader: SequenceReader, image: Image.Image) -> tuple[ReadResult, float]:
-    """The reading of an image and the seconds it took; reruns for the same image and model reuse it."""
-    digest = image_digest(image)
+def read_once(reader: SequenceReader, image: Image.Image, digest: str) -> tuple[ReadResult, float]:
+    """The reading of an image (whose `image_digest` is digest) and the seconds it took; reruns for the same
+    image and model reuse it."""
     memo = st.session_state.get("last_reading")
     if memo is None or memo[0] is not reader or memo[1] != digest:
         started = time.perf_counter()
@@ -167,24 +196,33 @@ def read_once(reader: SequenceReader, image: Image.Image) -> tuple[ReadResult, f
     return memo[2], memo[3]
 
 
-def show_reading(result: ReadResult, seconds: float, example: Example | None) -> None:
-    """The digits in large type, the true digits for an example, confidence per step and beam alternatives."""
-    reading_column, chart_column, beam_column = st.columns([2, 3, 2])
-    with reading_column:
-        st.subheader("Reading")
-        text = result.text or NO_DIGITS
-        st.markdown(f'<div class="digit-reading" style="{READING_STYLE}">{text}</div>', unsafe_allow_html=True)
-        if example is not None:
-            verdict = ":green[✓ correct]" if example.digits == result.digits else ":red[✗ wrong]"
-            st.markdown(f"True digits: **{example.text}** {verdict}")
-        probability_column, time_column = st.columns(2)
-        probability_column.metric(
-            "Probability", f"{result.confidence:.1%}", help="The model's probability for the whole sequence, end token included."
+def show_reading(reader: SequenceReader, result: ReadResult, seconds: float, example: Example | None, marks: list[DigitMark],
+                 scale: float) -> None:
+    """The digits in large type on one line, the true digits for an example, the figures, a copy box and a
+    JSON download; then confidence per step and the beam's alternatives."""
+    st.subheader("Reading")
+    text = result.text or NO_DIGITS
+    st.markdown(f'<div class="digit-reading" style="{reading_style(len(text))}">{text}</div>', unsafe_allow_html=True)
+    if example is not None:
+        verdict = ":green[✓ correct]" if example.digits == result.digits else ":red[✗ wrong]"
+        st.markdown(f"True digits: **{example.text}** {verdict}")
+    probability_column, time_column, count_column, copy_column = st.columns([1, 1, 1, 2], vertical_alignment="bottom")
+    probability_column.metric(
+        "Probability", f"{result.confidence:.1%}", help="The model's probability for the whole sequence, end token included."
+    )
+    time_column.metric(
+        "Read in", f"{seconds * 1000:.0f} ms",
+        help=f"Preprocessing, and decoding with attention and a beam search of width {BEAM_WIDTH}.",
+    )
+    count_column.metric("Digits", len(result.digits))
+    with copy_column:
+        st.code(result.text or " ", language=None)
+        st.download_button(
+            "Download the reading as JSON", reading_json(result, seconds, marks, scale, reader.checkpoint.name),
+            file_name=f"reading-{result.text or 'empty'}.json", mime="application/json",
+            help="Digits, probabilities, where each digit is on the image, the alternatives and what preprocessing did.",
         )
-        time_column.metric(
-            "Read in", f"{seconds * 1000:.0f} ms",
-            help=f"Preprocessing, and decoding with attention and a beam search of width {BEAM_WIDTH}.",
-        )
+    chart_column, beam_column = st.columns([3, 2])
     with chart_column:
         st.subheader("Confidence per step")
         st.altair_chart(confidence_chart(result.digits, result.reading.step_probs), width="stretch")
@@ -198,6 +236,50 @@ def show_reading(result: ReadResult, seconds: float, example: Example | None) ->
         )
 
 
+def show_digit_marks(reader: SequenceReader, image: Image.Image, result: ReadResult, marks: list[DigitMark], scale: float,
+                     key: str) -> None:
+    """Where each digit read sits on the input, from the decoder's attention; a digit picked (or a step of
+    the slider) shows that step's attention over the model input."""
+    st.subheader("Where each digit is")
+    steps = len(result.reading.step_probs)
+    step_key, pick_key = f"step-{key}", f"pick-{key}"
+    labels = step_labels(result.digits, steps)
+
+    def picked() -> None:  # a digit picked moves the slider to its step
+        if st.session_state[pick_key] is not None:
+            st.session_state[step_key] = st.session_state[pick_key] + 1
+
+    def stepped() -> None:  # the slider picks the digit of its step (none at the end token)
+        step = st.session_state[step_key] - 1
+        st.session_state[pick_key] = step if step < len(result.digits) else None
+
+    st.session_state.setdefault(step_key, 1)
+    st.session_state.setdefault(pick_key, 0 if result.digits else None)
+    if result.digits:
+        st.pills(
+            "Digit", list(range(len(result.digits))), format_func=lambda i: f"{i + 1}: {result.digits[i]}", key=pick_key,
+            on_change=picked, help="Pick a digit of the reading to see where the decoder looked for it.",
+        )
+    if steps > 1:
+        st.slider("Decoding step", 1, steps, key=step_key, on_change=stepped, help="Step through the decoding, one token at a time.")
+    step = st.session_state[step_key] - 1
+    selected = step if step < len(result.digits) else None
+    marks_column, heat_column = st.columns(2)
+    marks_column.image(draw_marks(image, marks, scale, selected), caption="Each digit read, boxed where the decoder looked for it",
+                       alt="digit marks on the input")
+    assert result.reading.attention is not None, "the app reads with attention"
+    canonical = result.preprocessed.image
+    heat = select_attention(result.reading.attention, None, None)[step]
+    heat_column.image(attention_overlay(canonical, heat, reader.model.cfg.stride, overlay_zoom(canonical.shape[0])),
+                      alt=f"selected step's attention, {labels[step]}")
+    so_far = "".join(map(str, result.digits[: step + (selected is not None)])) or "nothing yet"
+    token = f"digit {result.digits[step]}" if selected is not None else "the end token"
+    heat_column.caption(
+        f"Step {step + 1} of {steps}: {token}, at {result.reading.step_probs[step]:.0%}. Read so far: {so_far}. "
+        "Bright is where this step's attention (all layers and heads) falls on the model input."
+    )
+
+
 def show_model_input(reader: SequenceReader, image: Image.Image, result: ReadResult) -> None:
     """The input beside the canonical image the model reads, and what preprocessing did."""
     st.subheader("What the model sees")
@@ -205,6 +287,12 @@ def show_model_input(reader: SequenceReader, image: Image.Image, result: ReadRes
     notes = ["cropped to the ink", f"digits scaled to about {cfg.digit_height:g} px tall"]
     if prepared.inverted:
         notes.append("dark ink on a light background, so inverted")
+    if prepared.deskew is not None:
+        degrees = np.degrees(np.arctan2(-prepared.deskew[1, 0], prepared.deskew[0, 0]))
+        notes.append(f"turned {abs(degrees):.1f} degrees {'anticlockwise' if degrees > 0 else 'clockwise'} to level the line")
+    if prepared.removed:
+        notes.append(" and ".join({"lines": "ruled, printed or border lines", "marks": "stray marks"}[r] for r in prepared.removed)
+                     + " taken out")
     if prepared.fitted:
         notes.append(
             f"shrunk further to fit the model's {cfg.max_image_width}x{cfg.max_image_height} limit, so small details may be lost"
@@ -260,17 +348,22 @@ def main() -> None:
         image = draw_input()
     elif source == "Upload":
         upload = st.file_uploader("Image of handwritten digits", type=list(UPLOAD_TYPES))
-        image = file_input(upload, "Upload a PNG, JPEG, WebP, BMP, TIFF or GIF of digits, any size.")
+        image = file_input(upload, "Upload a PNG, JPEG, WebP, BMP, TIFF or GIF of digits, any size: a photo, a scan, a form.")
+        if image is not None and upload is not None:
+            image = crop_input(reader, image, upload.file_id)
     elif source == "Camera":
         photo = st.camera_input("Photograph digits written on paper")
-        image = file_input(photo, "Take a photo of a few digits written large on plain paper.")
+        image = file_input(photo, "Take a photo of a few digits written large on paper.")
+        if image is not None and photo is not None:
+            image = crop_input(reader, image, photo.file_id)
     else:
         example = example_input()
         image = example.image if example is not None else None
     if image is None:
         return
     try:
-        result, seconds = read_once(reader, image)
+        digest = image_digest(image)
+        result, seconds = read_once(reader, image, digest)
     except NoInkError as exc:
         st.info(f"Nothing to read yet: {exc}. Draw bigger or bolder digits, or use a clearer image.")
         return
@@ -281,7 +374,10 @@ def main() -> None:
         st.error(f"Reading this image failed unexpectedly ({exc.__class__.__name__}: {exc}). Try another image, and please report this one.")
         return
     st.divider()
-    show_reading(result, seconds, example)
+    cfg = reader.model.cfg
+    marks, scale = digit_marks(result, cfg.stride, cfg.digit_height), marks_scale(result, image)
+    show_reading(reader, result, seconds, example, marks, scale)
+    show_digit_marks(reader, image, result, marks, scale, digest[:12])
     show_model_input(reader, image, result)
     show_attention(reader, result)
 

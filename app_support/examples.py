@@ -19,7 +19,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 LABELS_FILE = "labels.json"
 ANY_LAYOUT = "any"
 LAYOUT_CHOICES = (ANY_LAYOUT, *LAYOUTS)
-STYLE_CHOICES = ("clean", "drawn", "photo", "hard")
+STYLE_CHOICES = ("clean", "drawn", "photo", "lined", "cell", "phone", "hard")
 
 
 @dataclass

@@ -7,6 +7,9 @@ import hashlib
 import numpy as np
 from PIL import Image
 
+from model.pipeline import SequenceReader
+from model.preprocess import ImageReadError, NoInkError
+
 UPLOAD_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif")
 BEAM_WIDTH = 4  # the app answers with the best of a beam search this wide, and lists its hypotheses
 
@@ -23,3 +26,12 @@ def image_digest(image: Image.Image) -> str:
     digest = hashlib.sha1(f"{image.mode}{image.size}".encode())
     digest.update(image.tobytes())
     return digest.hexdigest()
+
+
+def suggested_box(reader: SequenceReader, image: Image.Image) -> tuple[int, int, int, int]:
+    """Where the crop box over an upload starts, (left, top, right, bottom): around the digits that
+    preprocessing finds, rules, borders and stray marks left out; the whole image when it finds none."""
+    try:
+        return reader.preprocess(image).input_box(image.size)
+    except (NoInkError, ImageReadError):
+        return 0, 0, image.width, image.height

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
+
 import altair as alt
 import numpy as np
 import torch
 from matplotlib import colormaps
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from model.decoding import BeamHypothesis
+from model.pipeline import DigitMark, ReadResult
 
 END_LABEL = "end"
 NO_DIGITS = "(no digits)"  # shown for a reading that is only the end token
 ATTENTION_COLORMAP = "inferno"
 HEAT_SHARE = 0.6  # weight of the heatmap colour against the ink in an overlay
+MARK_COLOUR, SELECTED_COLOUR = (76, 120, 168), (255, 75, 75)  # the chart's digit blue; Streamlit's red
+ONE_LINE_DIGITS = 16  # readings up to this long stay on one line, in type that shrinks to fit
 
 
 def gray_to_image(array: np.ndarray) -> Image.Image:
@@ -115,3 +120,63 @@ def alternatives_table(alternatives: list[BeamHypothesis]) -> dict[str, list]:
         "reading": ["".join(map(str, h.digits)) or NO_DIGITS for h in alternatives],
         "probability": [h.probability for h in alternatives],
     }
+
+
+def reading_style(length: int) -> str:
+    """CSS for the reading in large monospace type: one line up to ONE_LINE_DIGITS digits (the type
+    shrinks with the page's width so they fit), smaller type that wraps beyond that."""
+    base = "font-weight: 600; font-family: ui-monospace, monospace; letter-spacing: 0.12em; line-height: 1.15; "
+    if length > ONE_LINE_DIGITS:
+        return base + "font-size: 2.2rem; word-break: break-all"
+    # A monospace digit and its spacing take about 0.72 em; 85vw leaves room for the page's margins.
+    return base + f"font-size: min(4.5rem, calc(85vw / {0.72 * max(length, 1):.2f})); white-space: nowrap"
+
+
+def marks_scale(result: ReadResult, image: Image.Image) -> float:
+    """Input pixels per working-image pixel: DigitMark coordinates times this land on `image`."""
+    return image.width / max(1, result.preprocessed.working_shape[1])
+
+
+def draw_marks(image: Image.Image, marks: list[DigitMark], scale: float, selected: int | None = None) -> Image.Image:
+    """A display copy of the input with a box around each digit read, labelled with the digit and its
+    probability; the selected one (an index into marks) drawn in red and thicker."""
+    shown = display_copy(image).convert("RGB")
+    zoom = scale * shown.width / image.width
+    draw = ImageDraw.Draw(shown)
+    font = ImageFont.load_default(size=max(12, min(28, round(shown.height / 14))))
+    width = max(2, round(shown.height / 150))
+    order = [i for i in range(len(marks)) if i != selected] + ([selected] if selected is not None else [])
+    for index in order:
+        mark = marks[index]
+        colour = SELECTED_COLOUR if index == selected else MARK_COLOUR
+        corners = [tuple(point) for point in (mark.corners * zoom).tolist()]
+        draw.polygon(corners, outline=colour, width=width * (2 if index == selected else 1))
+        label = f"{mark.digit} {mark.probability:.0%}"
+        left, top = min(p[0] for p in corners), min(p[1] for p in corners)
+        box = draw.textbbox((left, top), label, font=font)
+        lift = box[3] - box[1] + 2 * width
+        draw.rectangle((box[0] - width, box[1] - lift - width, box[2] + width, box[3] - lift + width), fill=colour)
+        draw.text((left, top - lift), label, fill=(255, 255, 255), font=font)
+    return shown
+
+
+def reading_json(result: ReadResult, seconds: float, marks: list[DigitMark], scale: float, checkpoint: str) -> str:
+    """The reading as JSON for the download button: digits, probabilities, each digit's position on the
+    input image (pixels), the beam's alternatives, and what preprocessing did."""
+    prepared = result.preprocessed
+    turned = None if prepared.deskew is None else round(float(np.degrees(np.arctan2(-prepared.deskew[1, 0], prepared.deskew[0, 0]))), 2)
+    record = {
+        "digits": result.text,
+        "probability": round(result.confidence, 6),
+        "steps": [
+            {"digit": mark.digit, "probability": round(mark.probability, 6),
+             "x": round(mark.centre[0] * scale, 1), "y": round(mark.centre[1] * scale, 1)}
+            for mark in marks
+        ],
+        "end_probability": round(result.reading.step_probs[-1], 6),
+        "alternatives": [{"digits": "".join(map(str, h.digits)), "probability": round(h.probability, 6)} for h in result.alternatives],
+        "preprocessing": {"inverted": prepared.inverted, "levelled_by_degrees": turned, "removed": list(prepared.removed)},
+        "seconds": round(seconds, 4),
+        "checkpoint": checkpoint,
+    }
+    return json.dumps(record, indent=2)

@@ -6,7 +6,10 @@ Prints:
 - preprocessing alone on the same files, in ms per image (decoded images in memory);
 - one image read alone (load, preprocess, greedy): p50 and p95 in ms;
 - the app's read of a canvas drawing (900x260 RGBA, preprocessing, decoding with attention maps and a
-  beam of 4, as `app.read_once` does): p50 and p95 in ms.
+  beam of 4, as `app.read_once` does): p50 and p95 in ms;
+- the app on a 12 MP phone photo (a 4000x3000 JPEG of a number on a page, from the `phone` suite): decoding
+  the upload, placing the crop box around the digits, the cropper's display copy, and reading the crop
+  (attention, beam 4), each in ms (median of 5).
 Set the thread count with --threads (the app uses 1; the CLI leaves torch's default).
 """
 
@@ -110,6 +113,48 @@ def main(argv: list[str] | None = None) -> None:
         latencies.append(1000 * (time.perf_counter() - began))
     p50, p95 = percentiles(latencies)
     print(f"app read of a 900x260 canvas drawing (5 digits; attention maps, beam 4): p50 {p50:.1f} ms, p95 {p95:.1f} ms")
+    phone_photo_timings(reader, pool)
+
+
+def phone_photo(pool, seed: int) -> bytes:
+    """A 4000x3000 JPEG: a `phone` suite image (a number photographed on paper) enlarged to 3000 px wide
+    on a page of its own paper tone."""
+    sample = SequenceSynth(pool, STYLES["phone"], seed=seed).sample("strip", 1, min_digits=6, max_digits=8)[0]
+    number = Image.fromarray((np.clip(sample.image, 0, 1) * 255).astype(np.uint8))
+    number = number.resize((3000, round(3000 * number.height / number.width)), Image.Resampling.BICUBIC)
+    page = Image.new("L", (4000, 3000), int(np.median(np.asarray(number))))
+    page.paste(number, (500, (3000 - number.height) // 2))
+    buffer = io.BytesIO()
+    page.convert("RGB").save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def phone_photo_timings(reader: SequenceReader, pool) -> None:
+    """The app's steps on a 12 MP photo, as app.crop_input and app.read_once run them."""
+    from streamlit_cropper import _resize_img  # the cropper's own resize, to time what it does
+
+    from app_support.visuals import browser_mode
+
+    stages: dict[str, list[float]] = {"decode the upload": [], "place the crop box": [], "cropper's display copy": [],
+                                      "read the crop (attention, beam 4)": []}
+    for seed in range(5):
+        data = phone_photo(pool, seed)
+        began = time.perf_counter()
+        image = load_image(data)
+        stages["decode the upload"].append(time.perf_counter() - began)
+        began = time.perf_counter()
+        box = reader.preprocess(image).input_box(image.size)
+        stages["place the crop box"].append(time.perf_counter() - began)
+        began = time.perf_counter()
+        shown = browser_mode(image)
+        _resize_img(shown.copy()).convert("RGBA").save(io.BytesIO(), format="PNG")
+        stages["cropper's display copy"].append(time.perf_counter() - began)
+        began = time.perf_counter()
+        reader.read([image.crop(box)], beam=4, attention=True)
+        stages["read the crop (attention, beam 4)"].append(time.perf_counter() - began)
+    total = sum(statistics.median(times) for times in stages.values())
+    parts = ", ".join(f"{name} {1000 * statistics.median(times):.0f} ms" for name, times in stages.items())
+    print(f"app on a 12 MP phone photo (4000x3000 JPEG), median of 5: {1000 * total:.0f} ms in all: {parts}")
 
 
 if __name__ == "__main__":

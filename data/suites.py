@@ -40,6 +40,11 @@ SUITES: dict[str, Suite] = {
     "drawn": Suite("strip", "drawn", {"min_digits": 3, "max_digits": 8},
                    "3-8 digits as a drawing canvas sends them: round brush 10-22 px at 5-9x, either polarity, drifting baseline"),
     "photo": Suite("strip", "photo", {"min_digits": 3, "max_digits": 8}, "3-8 digits, dark ink on lit paper, blur, JPEG, 2-4x"),
+    "lined": Suite("strip", "lined", {"min_digits": 3, "max_digits": 8}, "3-8 digits on ruled or squared paper, photographed"),
+    "cell": Suite("strip", "cell", {"min_digits": 3, "max_digits": 8},
+                  "3-8 digits in a form field or table cell, with scan margins and stray marks"),
+    "phone": Suite("strip", "phone", {"min_digits": 3, "max_digits": 8},
+                   "3-8 digits photographed by a phone: coloured ink and paper, a page turned up to 10 degrees and tilted"),
 }
 CORE_SUITES = ["mnist-test", "single", "grid2x2", "strip", "multiline", "scatter"]
 

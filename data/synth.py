@@ -33,13 +33,17 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from data.mnist import DigitPool
-from model.preprocess import NoInkError, Preprocessed, preprocess_array, preprocess_ink
+from model.preprocess import NoInkError, Preprocessed, preprocess_array, preprocess_ink, to_grayscale
 
 MNIST_DIGIT_HEIGHT = 20.0  # MNIST fits each digit's ink in a 20x20 box: the raw canvases' scale
 INK = 0.15  # a pixel brighter than this counts as ink when measuring boxes
 LAYOUTS = ("single", "grid2x2", "strip", "multiline", "scatter")
+# Training's round trip renders at most this many times the canvas's scale: preprocessing brings every
+# image down to the model's scale anyway, and a phone photo rendered at 3-6x cost 25 ms a sample.
+ROUNDTRIP_MAX_SCALE = 2.5
 
 
 # ---------------------------------------------------------------------------
@@ -129,6 +133,15 @@ class Style:
     lowres_prob: float = 0.0  # canonical path: the digits were written smaller than the model's scale
     # Canonical (training) path: share of samples rendered raw and preprocessed in full instead.
     roundtrip_prob: float = 0.0
+    # Raw rendering: what surrounds handwriting on real paper, and how a phone sees it.
+    ruled_prob: float = 0.0  # ruled paper: horizontal rules under the digits (sometimes a margin rule)
+    squared_prob: float = 0.0  # squared paper (drawn instead of rules)
+    cell_prob: float = 0.0  # a table cell or form field: a printed border around the digits
+    scan_margin_prob: float = 0.0  # dark bands at image edges, as a scanner or a page edge leaves them
+    stray_prob: float = 0.0  # dots and short strokes well away from the digits
+    colour_prob: float = 0.0  # coloured ink on coloured paper (needs paper_prob), read to gray as uploads are
+    page_rotation: float = 0.0  # max degrees the whole image is turned
+    perspective: float = 0.0  # max shift of each corner, as a share of the image's side
 
 
 CLEAN = Style(spacing=(0, 6))
@@ -140,6 +153,11 @@ TRAIN = Style(
     blur_prob=0.2, noise_prob=0.2, contrast_prob=0.2, jpeg_prob=0.1, lowres_prob=0.1,
     roundtrip_prob=0.08,
 )
+# The training style's changes of shape (rotation, shear, size, aspect, elastic distortion) and nothing
+# else: digits as written with a pen, scanned cleanly. The classifier stage trains mostly on these.
+SHAPES = replace(TRAIN, thin_prob=0.0, thick_prob=0.0, brush_prob=0.0, spacing=(0, 6), jitter=0, slope=0.0, drift=0.0,
+                 image_scale=(1.0, 1.0), invert_prob=0.0, paper_prob=0.0, blur_prob=0.0, noise_prob=0.0, contrast_prob=0.0,
+                 jpeg_prob=0.0, lowres_prob=0.0, roundtrip_prob=0.0)
 HARD = Style(  # the hard evaluation suites: stronger than training, and fixed whatever training uses
     rotation=15, shear=0.2, scale=(0.85, 1.15), aspect=0.12, elastic=1.0, thin_prob=0.3, thick_prob=0.35,
     spacing=(-2, 8), jitter=3, image_scale=(0.5, 3.0), invert_prob=0.5, blur_prob=0.6, noise_prob=0.6, contrast_prob=0.3,
@@ -153,7 +171,25 @@ DRAWN = replace(
     image_scale=(5.0, 9.0), invert_prob=0.5, roundtrip_prob=0.15,
 )
 PHOTO = replace(CLEAN, image_scale=(2.0, 4.0), paper_prob=1.0, blur_prob=1.0, jpeg_prob=1.0, noise_prob=0.5, roundtrip_prob=1.0)
-STYLES = {"clean": CLEAN, "train": TRAIN, "hard": HARD, "drawn": DRAWN, "photo": PHOTO}
+# Photos of paper with more on it than the digits: rules or squares, a form's cell border with scan
+# margins and stray marks, and a phone's view (colour, a turned and tilted page, blur, JPEG).
+LINED = replace(PHOTO, ruled_prob=0.6, squared_prob=0.4, blur_prob=0.6, jpeg_prob=0.7, page_rotation=3.0)
+CELL = replace(PHOTO, cell_prob=1.0, scan_margin_prob=0.4, stray_prob=0.5, blur_prob=0.5, jpeg_prob=0.7, page_rotation=2.0)
+PHONE = replace(
+    PHOTO, image_scale=(3.0, 6.0), colour_prob=0.7, ruled_prob=0.3, squared_prob=0.15, stray_prob=0.3, page_rotation=10.0,
+    perspective=0.06, noise_prob=0.7,
+)
+STYLES = {
+    "clean": CLEAN, "shapes": SHAPES, "train": TRAIN, "hard": HARD, "drawn": DRAWN, "photo": PHOTO, "lined": LINED, "cell": CELL,
+    "phone": PHONE,
+}
+# Ink and paper colours (RGB) of the colour_prob share: biro, pencil and felt pens on white, cream,
+# sticky-note yellow, pink, blue, green and brown paper.
+INK_COLOURS = np.array([[0.1, 0.15, 0.55], [0.08, 0.08, 0.1], [0.7, 0.1, 0.12], [0.1, 0.42, 0.2], [0.42, 0.42, 0.45], [0.35, 0.1, 0.5]])
+PAPER_COLOURS = np.array([
+    [0.95, 0.95, 0.93], [0.96, 0.92, 0.8], [0.98, 0.92, 0.45], [0.98, 0.75, 0.8], [0.75, 0.88, 0.98], [0.8, 0.95, 0.75],
+    [0.8, 0.66, 0.47],
+])
 
 
 # ---------------------------------------------------------------------------
@@ -427,7 +463,7 @@ class SequenceSynth:
             chunk = slice(start, start + count)
             start += count
             canvas, digits, boxes = self._compose(layout, sprites[chunk], labels[chunk], plan, opts, 1.0)
-            samples.append(Sample(self.render(canvas), digits, boxes, layout))
+            samples.append(Sample(self.render(canvas, boxes), digits, boxes, layout))
         return samples
 
     def canonical(self, layout: str, batch: int, bank: DigitBank, digit_height: float, max_size: tuple[int, int], **options: int) -> list[Sample]:
@@ -442,7 +478,7 @@ class SequenceSynth:
             picks = self.rng.integers(0, len(bank.sprites), size=sum(plan))
             canvas, digits, boxes = self._compose(layout, [bank.sprites[i] for i in picks], bank.labels[picks], plan, opts, unit)
             roundtrip = self._chance(self.style.roundtrip_prob)
-            source = self.render(canvas) if roundtrip else self._degrade(canvas)
+            source = self.render(canvas, boxes, ROUNDTRIP_MAX_SCALE) if roundtrip else self._degrade(canvas)
             try:
                 prepared = (preprocess_array if roundtrip else preprocess_ink)(source, digit_height, max_size)
             except NoInkError:
@@ -485,13 +521,22 @@ class SequenceSynth:
             x = x * rng.uniform(0.5, 1.0) + rng.uniform(0.0, 0.25)
         return self._common_effects(x, 0.6)
 
-    def render(self, canvas: np.ndarray) -> np.ndarray:
-        """The style's image-level effects on a clean white-on-black canvas: what a pen, a mouse or a camera makes."""
+    def render(self, canvas: np.ndarray, boxes: list[tuple[int, int, int, int]] | None = None,
+               max_scale: float = math.inf) -> np.ndarray:
+        """The style's image-level effects on a clean white-on-black canvas: what a pen, a mouse or a camera makes.
+
+        `boxes` (the digits' ink boxes on the canvas) place the paper's clutter; without them there is none.
+        The canvas is enlarged by the style's image_scale, at most max_scale.
+        """
         style, rng, x = self.style, self.rng, canvas
+        if boxes:
+            x = self._clutter(x, boxes)
+        if style.page_rotation or style.perspective:
+            x = self._turn_page(x)
         low, high = style.image_scale
         factor = 1.0
         if high > 1.0 or low < 1.0:
-            factor = float(np.exp(rng.uniform(np.log(low), np.log(high))))
+            factor = min(max_scale, float(np.exp(rng.uniform(np.log(low), np.log(high)))))
             size = (max(8, round(x.shape[1] * factor)), max(8, round(x.shape[0] * factor)))
             x = cv2.resize(x, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
         if self._chance(style.contrast_prob):
@@ -503,12 +548,22 @@ class SequenceSynth:
         return self._common_effects(x, max(1.0, factor))
 
     def _on_paper(self, ink: np.ndarray) -> np.ndarray:
-        """Dark ink on light paper under uneven light: a gradient, a soft shadow and paper grain."""
+        """Dark ink on light paper under uneven light: a gradient, a soft shadow and paper grain.
+
+        The colour_prob share is coloured ink on coloured paper, lit in colour and then turned to gray by
+        the reader's own `to_grayscale`, as an uploaded colour photo is.
+        """
         rng = self.rng
         h, w = ink.shape
-        paper = rng.uniform(0.7, 0.95)
-        ink_tone = rng.uniform(0.05, 0.35)
-        image = paper + (ink_tone - paper) * ink
+        colour = self._chance(self.style.colour_prob)
+        if colour:
+            paper = np.clip(PAPER_COLOURS[rng.integers(len(PAPER_COLOURS))] + rng.uniform(-0.05, 0.03, 3), 0, 1)
+            ink_tone = np.clip(INK_COLOURS[rng.integers(len(INK_COLOURS))] + rng.uniform(-0.05, 0.1, 3), 0, 1)
+            image = paper + (ink_tone - paper) * ink[..., None]
+        else:
+            paper = rng.uniform(0.7, 0.95)
+            ink_tone = rng.uniform(0.05, 0.35)
+            image = paper + (ink_tone - paper) * ink
         ys, xs = np.linspace(-1, 1, h, dtype=np.float32)[:, None], np.linspace(-1, 1, w, dtype=np.float32)[None, :]
         angle = rng.uniform(0, 2 * math.pi)
         gradient = 1.0 - rng.uniform(0.0, 0.35) * (0.5 + 0.5 * (math.cos(angle) * xs + math.sin(angle) * ys))
@@ -516,4 +571,88 @@ class SequenceSynth:
         shadow = 1.0 - rng.uniform(0.0, 0.3) * np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / rng.uniform(0.2, 0.8))
         coarse_grain = rng.normal(0, 0.02, size=(max(1, h // 4), max(1, w // 4))).astype(np.float32)
         grain = cv2.resize(coarse_grain, (w, h), interpolation=cv2.INTER_LINEAR)
-        return (image * gradient * shadow + grain).astype(np.float32)
+        if not colour:
+            return (image * gradient * shadow + grain).astype(np.float32)
+        lit = np.clip(image * (gradient * shadow + grain)[..., None], 0, 1)
+        return to_grayscale(Image.fromarray((lit * 255).round().astype(np.uint8), mode="RGB"))
+
+    def _clutter(self, ink: np.ndarray, boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
+        """The ink canvas with room around the digits and, by the style's chances, what else is on the paper:
+        rules or squares, a cell border, scan margins, stray marks. Lengths follow the digits' height."""
+        style, rng = self.style, self.rng
+        if not (style.ruled_prob or style.squared_prob or style.cell_prob or style.scan_margin_prob or style.stray_prob):
+            return ink
+        box = np.array(boxes)
+        digit = float(np.median(box[:, 2] - box[:, 0]))
+        top, left, bottom, right = int(box[:, 0].min()), int(box[:, 1].min()), int(box[:, 2].max()), int(box[:, 3].max())
+        pads = np.round(rng.uniform(0.4, 1.3, size=4) * digit).astype(int)  # top, bottom, left, right
+        pad_top, pad_bottom, pad_left, pad_right = (int(p) for p in pads)
+        x = cv2.copyMakeBorder(ink, pad_top, pad_bottom, pad_left, pad_right, cv2.BORDER_CONSTANT, value=0)
+        h, w = x.shape
+        top, bottom, left, right = top + pads[0], bottom + pads[0], left + pads[2], right + pads[2]
+        layer = np.zeros_like(x)  # printed and stray marks, merged under the ink at the end
+
+        def line(p0: tuple[float, float], p1: tuple[float, float], tone: float, width: int = 1) -> None:
+            cv2.line(layer, (round(p0[0]), round(p0[1])), (round(p1[0]), round(p1[1])), tone, width, cv2.LINE_AA)
+
+        paper_kind = rng.random()
+        if paper_kind < style.ruled_prob:
+            spacing, tone = digit * rng.uniform(1.3, 2.0), rng.uniform(0.25, 0.7)
+            for y in np.arange(bottom + rng.uniform(-1, 3), -1, -spacing).tolist() + np.arange(bottom + spacing, h, spacing).tolist():
+                line((0, y), (w, y), tone)
+            if rng.random() < 0.3:
+                margin_x = rng.uniform(0.2, 0.9) * (left - 1)
+                line((margin_x, 0), (margin_x, h), tone)
+        elif paper_kind < style.ruled_prob + style.squared_prob:
+            spacing, tone = digit * rng.uniform(0.5, 1.0), rng.uniform(0.15, 0.45)
+            for y in np.arange(rng.uniform(0, spacing), h, spacing):
+                line((0, y), (w, y), tone)
+            for x0 in np.arange(rng.uniform(0, spacing), w, spacing):
+                line((x0, 0), (x0, h), tone)
+        if self._chance(style.cell_prob):
+            gap = rng.uniform(0.15, 0.5, size=4) * digit
+            cell = (max(1.0, left - gap[0]), max(1.0, top - gap[1]), min(w - 2.0, right + gap[2]), min(h - 2.0, bottom + gap[3]))
+            tone, width = rng.uniform(0.6, 1.0), int(rng.integers(1, 3))
+            table = rng.random() < 0.5  # a table's rules run on past the cell
+            for y in (cell[1], cell[3]):
+                line((0 if table else cell[0], y), (w if table else cell[2], y), tone, width)
+            for x0 in (cell[0], cell[2]):
+                line((x0, 0 if table else cell[1]), (x0, h if table else cell[3]), tone, width)
+        if self._chance(style.scan_margin_prob):
+            for side in rng.choice(4, size=int(rng.integers(1, 3)), replace=False):  # top, bottom, left, right
+                depth = max(1, round(rng.uniform(0.2, 0.7) * pads[side]))  # in the room around the digits
+                band = [slice(None), slice(None)]
+                band[0 if side < 2 else 1] = slice(0, depth) if side % 2 == 0 else slice(-depth, None)
+                layer[tuple(band)] = np.maximum(layer[tuple(band)], rng.uniform(0.8, 1.0))
+        if self._chance(style.stray_prob):
+            for _ in range(int(rng.integers(1, 4))):
+                # Somewhere in the padding, at least half a digit from the digits' box.
+                for _ in range(20):
+                    cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+                    if cx < left - digit / 2 or cx > right + digit / 2 or cy < top - digit / 2 or cy > bottom + digit / 2:
+                        break
+                else:
+                    continue
+                tone = rng.uniform(0.5, 1.0)
+                if rng.random() < 0.5:
+                    cv2.circle(layer, (round(cx), round(cy)), int(rng.integers(1, 3)), tone, -1, cv2.LINE_AA)
+                else:
+                    angle, length = rng.uniform(0, math.pi), rng.uniform(0.15, 0.35) * digit
+                    dx, dy = math.cos(angle) * length / 2, math.sin(angle) * length / 2
+                    line((cx - dx, cy - dy), (cx + dx, cy + dy), tone, int(rng.integers(1, 3)))
+        return np.maximum(x, layer)
+
+    def _turn_page(self, ink: np.ndarray) -> np.ndarray:
+        """The ink canvas turned by up to page_rotation degrees and seen at a slant (each corner moved by up to
+        `perspective` of the side), on a canvas grown to hold it all."""
+        style, rng = self.style, self.rng
+        h, w = ink.shape
+        corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float32)
+        moved = corners + rng.uniform(-style.perspective, style.perspective, size=(4, 2)).astype(np.float32) * [w, h]
+        angle = math.radians(rng.uniform(-style.page_rotation, style.page_rotation))
+        rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]], dtype=np.float32)
+        moved = (moved - [w / 2, h / 2]) @ rotation.T
+        moved -= moved.min(0)
+        size = np.ceil(moved.max(0)).astype(int) + 1
+        matrix = cv2.getPerspectiveTransform(corners, moved.astype(np.float32))
+        return cv2.warpPerspective(ink, matrix, (int(size[0]), int(size[1])), flags=cv2.INTER_LINEAR, borderValue=0)

@@ -39,6 +39,43 @@ class ReadResult:
         return "".join(str(d) for d in self.digits)
 
 
+@dataclass
+class DigitMark:
+    """Where one digit of a reading sits, from the decoder's cross-attention at its step: the attention-
+    weighted centre of the tokens it looked at, and a digit-sized box around it. Coordinates are (x, y)
+    in the working image (the input, downscaled if huge: `Preprocessed.working_shape`); the box is
+    turned with the input when preprocessing levelled it."""
+
+    digit: int
+    probability: float
+    centre: tuple[float, float]
+    corners: np.ndarray  # (4, 2): top left, top right, bottom right, bottom left
+
+
+def digit_marks(result: ReadResult, stride: int, digit_height: float) -> list[DigitMark]:
+    """One mark per digit of a reading made with attention (`SequenceReader.read(..., attention=True)`).
+
+    Each step's attention, averaged over layers and heads, is squared before its centre is taken:
+    a decoder spreads a little weight everywhere, and squaring leaves the tokens it mostly looked at.
+    """
+    if result.reading.attention is None:
+        raise ValueError("digit marks need a reading made with attention=True")
+    maps = result.reading.attention.float().mean(dim=(1, 2)).numpy()  # (steps, grid_h, grid_w)
+    grid_h, grid_w = maps.shape[1:]
+    token_y, token_x = np.meshgrid((np.arange(grid_h) + 0.5) * stride, (np.arange(grid_w) + 0.5) * stride, indexing="ij")
+    half_w, half_h = 0.4 * digit_height, 0.6 * digit_height
+    marks = []
+    for step, digit in enumerate(result.digits):
+        weights = maps[step] ** 2
+        weights = weights / max(float(weights.sum()), 1e-12)
+        cx, cy = float((weights * token_x).sum()), float((weights * token_y).sum())
+        box = np.array([[cx - half_w, cy - half_h], [cx + half_w, cy - half_h], [cx + half_w, cy + half_h], [cx - half_w, cy + half_h]])
+        centre = result.preprocessed.to_working(np.array([[cx, cy]]))[0]
+        marks.append(DigitMark(digit, result.reading.step_probs[step], (float(centre[0]), float(centre[1])),
+                               result.preprocessed.to_working(box)))
+    return marks
+
+
 class SequenceReader:
     """A loaded checkpoint that reads images of handwritten digit sequences."""
 

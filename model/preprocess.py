@@ -7,7 +7,7 @@ as the model expects (its checkpoint's `digit_height`; 20 px, an MNIST digit's
 ink, for checkpoints that do not say).
 
 Steps, each there for a failure seen on real inputs:
-1. grayscale (coloured ink kept dark: the darkest channel on light paper);
+1. grayscale (coloured ink kept dark: each channel against the paper's colour, then the darkest);
 2. huge images downscaled first, absurd ones refused;
 3. polarity: the background is the majority, so a light median means dark ink, which is inverted;
 4. illumination: a morphological opening much wider than a stroke estimates the
@@ -15,7 +15,10 @@ Steps, each there for a failure seen on real inputs:
    also divided out, since light multiplies what the camera sees (steps 4-6 are
    `preprocess_ink`, where training's fast path joins);
 5. contrast stretched to the brightest ink, faint background floor removed;
-6. crop to the ink; the digit height is measured per text line (lines are bands
+6. rules, grid and table lines, scan borders (straight strokes much longer than a digit)
+   and small marks far from the digits are removed, and a line of text turned by 3 to 15
+   degrees is levelled (along the ink's principal axis);
+7. crop to the ink; the digit height is measured per text line (lines are bands
    of rows with ink, see docs/READING_ORDER.md) and the crop rescaled to the target.
 """
 
@@ -60,10 +63,38 @@ class Preprocessed:
 
     image: np.ndarray
     inverted: bool  # the input had dark ink on a light background
-    crop_box: tuple[int, int, int, int]  # (top, left, bottom, right) in the working-resolution input
+    crop_box: tuple[int, int, int, int]  # (top, left, bottom, right) in the working image, after any deskew
     scale: float  # canonical pixels per working-resolution input pixel
     digit_height: float  # measured digit height in the working-resolution input
     fitted: bool  # the result was shrunk further to fit the model's maximum canvas
+    working_shape: tuple[int, int] = (0, 0)  # (height, width) of the working image: the input, downscaled if huge
+    deskew: np.ndarray | None = None  # the 2x3 affine that turned the working image level, if it was turned
+    removed: tuple[str, ...] = ()  # what was taken out as not digits: "lines", "marks"
+
+    def to_working(self, points: np.ndarray) -> np.ndarray:
+        """Canonical-image (x, y) points (N, 2) as points of the working image, before any deskew.
+
+        Multiply by the input's width over working_shape[1] to land on the input itself.
+        """
+        top, left = self.crop_box[:2]
+        level = (np.asarray(points, dtype=np.float64) - MARGIN) / self.scale + [left, top]
+        if self.deskew is None:
+            return level
+        inverse = cv2.invertAffineTransform(self.deskew)
+        return level @ inverse[:, :2].T + inverse[:, 2]
+
+    def input_box(self, input_size: tuple[int, int], margin: float = 0.1) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the digits that were read, on an input of input_size (width, height):
+        the canonical image's extent (the ink and its MARGIN) mapped back and grown by `margin` digit heights
+        on every side, within the input. A margin in digit heights, not in shares of the box, keeps a form's
+        border or a table's lines, a fraction of a digit away, out of the box."""
+        height, width = self.image.shape
+        corners = self.to_working(np.array([[0, 0], [width, 0], [width, height], [0, height]], dtype=np.float64))
+        factor = input_size[0] / max(1, self.working_shape[1])
+        low, high = corners.min(0) * factor, corners.max(0) * factor
+        grow = margin * self.digit_height * factor
+        low, high = np.maximum(low - grow, 0), np.minimum(high + grow, input_size)
+        return int(low[0]), int(low[1]), math.ceil(high[0]), math.ceil(high[1])
 
 
 def load_image(source: str | os.PathLike | bytes | IO[bytes]) -> Image.Image:
@@ -174,9 +205,15 @@ def to_grayscale(image: Image.Image) -> np.ndarray:
         backdrop = 1.0 if stroke_luma < 0.5 else 0.0
         rgb = rgb * alpha + backdrop * (1.0 - alpha)
     luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    # Coloured ink (blue biro, red pen) has a middling luma but one dark channel:
-    # on light paper the darkest channel separates it best, on dark boards the brightest.
-    return np.ascontiguousarray(rgb.min(-1) if np.median(luma) > 0.5 else rgb.max(-1))
+    # Coloured ink (blue biro, red pen) has a middling luma but one dark channel: on light paper the
+    # darkest channel separates it best, on dark boards the brightest. Each channel is first measured
+    # against the paper's own colour (its median), so coloured paper (a yellow sticky note, whose blue
+    # channel is dark everywhere) turns white and the ink, darker than the paper in some channel, dark.
+    step = max(1, int(math.sqrt(luma.size / 20_000)))
+    paper = np.median(rgb[::step, ::step].reshape(-1, 3), axis=0)
+    if np.median(luma[::step, ::step]) > 0.5:
+        return np.ascontiguousarray(np.minimum(rgb / np.maximum(paper, 0.05), 1.0).min(-1))
+    return np.ascontiguousarray(rgb.max(-1))
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -277,22 +314,64 @@ def preprocess_array(
     inverted = bool(np.count_nonzero(x[::step, ::step] > 0.5) * 2 > x[::step, ::step].size)  # median > 0.5, without a sort
     if inverted:
         x = 1.0 - x
-    return preprocess_ink(x, digit_height, max_size, inverted)
+    return preprocess_ink(x, digit_height, max_size, inverted, declutter=True)
 
 
 def preprocess_ink(
     x: np.ndarray, digit_height: float = TARGET_DIGIT_HEIGHT, max_size: tuple[int, int] = (MAX_HEIGHT, MAX_WIDTH),
-    inverted: bool = False,
+    inverted: bool = False, declutter: bool = False,
 ) -> Preprocessed:
     """The rest of preprocessing, for an image whose ink is already the bright part (steps 4-6).
 
     The background is removed, contrast stretched to the brightest ink and a faint
-    floor removed; the ink is found, cropped with MARGIN pixels around it, and
-    rescaled so the digits are digit_height tall, shrunk further if needed to fit
-    max_size. Training's fast path starts here (data.synth), so the model sees what
-    users send. `inverted` says the input was dark ink on paper (see _remove_background).
+    floor removed; with `declutter`, rules, borders and stray marks are taken out
+    (`remove_clutter`); a line of text turned by 3-15 degrees is levelled (`skew_angle`);
+    the ink is found, cropped with MARGIN pixels around it, and rescaled so the digits
+    are digit_height tall, shrunk further if needed to fit max_size. Training's fast
+    path starts here (data.synth), so the model sees what users send; it composes
+    canvases with nothing but digits on them, so it skips decluttering, which
+    `preprocess_array` (every image from outside) does. `inverted` says the input was
+    dark ink on paper (see _remove_background).
     """
-    x = _remove_background(x, on_paper=inverted)
+    working_shape = (int(x.shape[0]), int(x.shape[1]))
+    x, mask = _ink(_remove_background(x, on_paper=inverted))
+    # Clutter first: rules and borders would pull the ink's axis (skew_angle) toward their own.
+    x, mask, removed, known_height = remove_clutter(x, mask) if declutter else (x, mask, (), 0.0)
+    deskew = None
+    angle = skew_angle(mask)
+    if angle:
+        h, w = mask.shape
+        deskew = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+        # Grow the canvas so the turned image keeps its corners.
+        cos, sin = abs(deskew[0, 0]), abs(deskew[0, 1])
+        size = (math.ceil(w * cos + h * sin), math.ceil(w * sin + h * cos))
+        deskew[:, 2] += [(size[0] - w) / 2, (size[1] - h) / 2]
+        x, mask = _ink(cv2.warpAffine(x, deskew, size, flags=cv2.INTER_LINEAR, borderValue=0))
+        known_height = 0.0
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if len(rows) == 0:
+        raise NoInkError("no ink found: only isolated specks")
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    crop_mask = mask[top:bottom, left:right]
+    near_ink = cv2.dilate(crop_mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(np.float32)
+    x = x[top:bottom, left:right] * near_ink  # drop floor noise far from ink
+    measured = known_height or estimate_digit_height(crop_mask)
+    scale = digit_height / measured
+    max_height, max_width = max_size
+    height, width = max(1, round(x.shape[0] * scale)), max(1, round(x.shape[1] * scale))
+    fit = min((max_height - 2 * MARGIN) / height, (max_width - 2 * MARGIN) / width, 1.0)
+    fitted = fit < 1.0
+    if fitted:
+        scale *= fit
+        height, width = max(1, int(height * fit)), max(1, int(width * fit))
+    x = np.clip(_resize(np.ascontiguousarray(x), height, width), 0.0, 1.0)
+    x = cv2.copyMakeBorder(x, MARGIN, MARGIN, MARGIN, MARGIN, cv2.BORDER_CONSTANT, value=0)  # np.pad costs 10x more
+    return Preprocessed(x, inverted, (top, left, bottom, right), scale, measured, fitted, working_shape, deskew, removed)
+
+
+def _ink(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A background-free, ink-bright image stretched to its brightest ink with a faint floor removed,
+    and its ink mask. Raises NoInkError when nothing stands out."""
     # Decide what is ink on a smoothed copy: pixel noise and paper grain average out, strokes do not.
     smooth = _box_filter(x, 3 if min(x.shape) < 150 else 5)
     peak = float(smooth.max())
@@ -306,26 +385,186 @@ def preprocess_ink(
     # (at least 3 ink pixels in its 3x3 neighbourhood).
     raw_mask = (x > threshold - floor).astype(np.float32)
     support = cv2.blur(raw_mask, (3, 3), borderType=cv2.BORDER_CONSTANT) * 9
-    mask = (raw_mask > 0) & (smooth > threshold) & (support >= 2.5)
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if len(rows) == 0:
-        raise NoInkError("no ink found: only isolated specks")
-    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    crop_mask = mask[top:bottom, left:right]
-    near_ink = cv2.dilate(crop_mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(np.float32)
-    x = x[top:bottom, left:right] * near_ink  # drop floor noise far from ink
-    measured = estimate_digit_height(crop_mask)
-    scale = digit_height / measured
-    max_height, max_width = max_size
-    height, width = max(1, round(x.shape[0] * scale)), max(1, round(x.shape[1] * scale))
-    fit = min((max_height - 2 * MARGIN) / height, (max_width - 2 * MARGIN) / width, 1.0)
-    fitted = fit < 1.0
-    if fitted:
-        scale *= fit
-        height, width = max(1, int(height * fit)), max(1, int(width * fit))
-    x = np.clip(_resize(np.ascontiguousarray(x), height, width), 0.0, 1.0)
-    x = cv2.copyMakeBorder(x, MARGIN, MARGIN, MARGIN, MARGIN, cv2.BORDER_CONSTANT, value=0)  # np.pad costs 10x more
-    return Preprocessed(x, inverted, (top, left, bottom, right), scale, measured, fitted)
+    return x, (raw_mask > 0) & (smooth > threshold) & (support >= 2.5)
+
+
+MIN_SKEW = 3.0  # smaller angles are left alone: a line of digits slants that much by the shapes of its digits
+MAX_SKEW = 15.0
+
+
+def skew_angle(mask: np.ndarray) -> float:
+    """The angle (degrees) to turn the image by, counter-clockwise as `cv2.getRotationMatrix2D` turns, to
+    level its line of ink (or the paper's rules); 0 when it is within MIN_SKEW of level, or when the ink is
+    not one line: at least three pieces of ink spread along an axis within MAX_SKEW of level, three times as
+    long as thick (a digit or two, a grid, a block of lines: their slant is the writer's, not the page's).
+
+    The line's direction is the ink's principal axis, the direction of its largest spread (from the
+    mask's central moments).
+    """
+    moments = cv2.moments(mask.astype(np.uint8), binaryImage=True)
+    if moments["m00"] < 20:
+        return 0.0
+    spread_x, spread_y, spread_xy = moments["mu20"], moments["mu02"], moments["mu11"]
+    # In image coordinates (y down) the axis falls by `axis` degrees to the right; turning the image
+    # counter-clockwise by that much levels it.
+    axis = 0.5 * math.degrees(math.atan2(2 * spread_xy, spread_x - spread_y))
+    middle, half_gap = (spread_x + spread_y) / 2, math.hypot((spread_x - spread_y) / 2, spread_xy)
+    line_like = middle + half_gap >= 9 * max(middle - half_gap, 1e-9)  # three times as long as thick
+    if not line_like or abs(axis) > MAX_SKEW or abs(axis) < MIN_SKEW:
+        return 0.0
+    # Two digits placed apart, one higher than the other, also spread along a slanted axis; but they are
+    # two lines, not one turned line: a line needs at least three pieces of ink along it.
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count - 1 < 3:
+        return 0.0
+    # One line, not a block of several: across the axis the ink spreads like one digit's height, not more.
+    across = math.sqrt(max(middle - half_gap, 0.0) / moments["m00"])
+    if across > 0.45 * float(np.median(stats[1:, cv2.CC_STAT_HEIGHT])):
+        return 0.0
+    return round(4 * axis) / 4
+
+
+def _digit_height_among_clutter(mask: np.ndarray, labels: np.ndarray, stats: np.ndarray) -> tuple[float, bool]:
+    """`estimate_digit_height` on the pieces of ink that can be digits, not frames: pieces whose box holds
+    the centre of another piece while ink fills under a fifth of it (a cell's border joins every column
+    of its line into one piece as tall as the cell). Falls back to all the ink when nothing is left. The
+    flag says no piece was set aside: the height is `estimate_digit_height(mask)` itself."""
+    boxes = stats[1:, :4].astype(np.float64)  # left, top, width, height
+    centres = boxes[:, :2] + boxes[:, 2:] / 2
+    inside = (
+        (centres[None, :, 0] > boxes[:, None, 0]) & (centres[None, :, 0] < boxes[:, None, 0] + boxes[:, None, 2])
+        & (centres[None, :, 1] > boxes[:, None, 1]) & (centres[None, :, 1] < boxes[:, None, 1] + boxes[:, None, 3])
+    )
+    np.fill_diagonal(inside, False)
+    fill = stats[1:, cv2.CC_STAT_AREA] / np.maximum(boxes[:, 2] * boxes[:, 3], 1)
+    frame = inside.any(1) & (fill < 0.2)
+    if not frame.any():
+        return estimate_digit_height(mask), True
+    digits = np.isin(labels, 1 + np.flatnonzero(~frame))
+    return estimate_digit_height(digits if digits.any() else mask), False
+
+
+def _long_lines(mask: np.ndarray, length: int, horizontal: bool) -> np.ndarray:
+    """Pixels of straight ink strokes at least `length` long and within 30 degrees of horizontal (or of
+    vertical): rules, table and cell borders, a scan's dark margin. A probabilistic Hough transform finds
+    them, so a rule that a turned or tilted page slants is found too; a morphological opening first checks
+    that some ink runs 60% of that length within 10 degrees of that direction, which most images fail,
+    for a fraction of the Hough transform's cost, and the transform then looks at that ink alone."""
+    found = np.zeros(mask.shape, np.uint8)
+    if length < 4:
+        return found.astype(bool)
+    ink = mask.astype(np.uint8)
+    run = round(0.6 * length)
+    slack = max(5, math.ceil(run * math.tan(math.radians(10)))) | 1  # a line turned by up to 10 degrees passes
+    across, along = ((slack, 1), (1, run)) if horizontal else ((1, slack), (run, 1))
+    runs = cv2.morphologyEx(cv2.dilate(ink, np.ones(across, np.uint8)), cv2.MORPH_OPEN, np.ones(along, np.uint8))
+    if not runs.any():
+        return found.astype(bool)
+    candidates = np.minimum(runs, ink)  # the transform only looks where such runs are: far fewer pixels
+    segments = cv2.HoughLinesP(candidates, 1, np.pi / 180, threshold=max(4, int(0.7 * length)), minLineLength=length,
+                               maxLineGap=max(2, length // 40))
+    steep = math.tan(math.radians(60))
+    for x0, y0, x1, y1 in [] if segments is None else segments.reshape(-1, 4).astype(int).tolist():
+        if (abs(x1 - x0) > abs(y1 - y0) * steep) == horizontal:
+            cv2.line(found, (x0, y0), (x1, y1), 1, 3)
+    # A thick or blurred line is wider than the 3 px drawn along its centre: grow across it, within the ink.
+    grow = np.ones((3, 1) if horizontal else (1, 3), np.uint8)
+    for _ in range(8):
+        found = np.minimum(cv2.dilate(found, grow), ink)
+    return found > 0
+
+
+def _frame_sides(rest: np.ndarray, lines: np.ndarray, digit: float) -> np.ndarray:
+    """The pieces of `rest` that are the short sides of a frame whose long sides were removed as `lines`:
+    thin pieces at least 0.8 digit heights long that touch removed lines at both ends (a cell's side
+    runs from its top border to its bottom one; a "1" standing on a rule touches it at one end only)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(rest.astype(np.uint8), connectivity=8)
+    near_lines = cv2.dilate(lines.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    sides = np.zeros_like(rest)
+    for index in range(1, count):
+        left, top, width, height = stats[index, :4]
+        for long, short, vertical in ((height, width, True), (width, height, False)):
+            if long < 0.8 * digit or short > 0.4 * digit:
+                continue
+            piece = labels[top : top + height, left : left + width] == index
+            touching = piece & near_lines[top : top + height, left : left + width]
+            end = max(1, long // 5)
+            ends = (touching[:end].any(), touching[-end:].any()) if vertical else (touching[:, :end].any(), touching[:, -end:].any())
+            if all(ends):
+                sides[top : top + height, left : left + width] |= piece
+    return sides
+
+
+def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], float]:
+    """Take out what surrounds handwriting on paper: rules, grid and table lines, scan borders (straight
+    strokes much longer than a digit), and small marks far from the digits. Returns (x, mask, what went,
+    the digit height of the mask returned when it is known, else 0).
+
+    Lines spanning most of the image (80% of its side) go first, unless they are all the ink (a single
+    "1" drawn as tall as its canvas is a digit); the digit height is then measured on what is left, and
+    straight strokes longer than 2.5 digit heights (1.8 for vertical ones: no digit stroke is that tall)
+    go too. Where a digit's stroke crosses a removed line, the line's pixels between the stroke's two
+    sides are put back. A mark is small (under half a digit height each way) and more than half a digit
+    height away from every larger piece of ink.
+    """
+    x0, (h, w) = x, mask.shape
+    across = _long_lines(mask, math.ceil(0.8 * w), True)  # lines that are mostly horizontal
+    down = _long_lines(mask, math.ceil(0.8 * h), False)
+    rest = mask & ~(across | down)
+    if not rest.any():  # all of it: the "lines" are the writing
+        return x, mask, (), 0.0
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(rest.astype(np.uint8), connectivity=8)
+    digit, all_ink = _digit_height_among_clutter(rest, labels, stats)
+    shorter_across, shorter_down = _long_lines(rest, round(2.5 * digit), True), _long_lines(rest, round(1.8 * digit), False)
+    if (rest & ~(shorter_across | shorter_down)).any():  # never everything: then the "lines" are the writing
+        across |= shorter_across
+        down |= shorter_down
+    removed: list[str] = []
+    if (across | down).any():
+        removed.append("lines")
+        rest = mask & ~(across | down)
+        # Where a digit's stroke crosses a line there is ink on both sides of it within a few pixels:
+        # those line pixels are the stroke's and stay.
+        bridge = np.ones((max(3, round(digit / 6)) | 1, 1), np.uint8)
+        ink = rest.astype(np.uint8)
+        rest |= across & (cv2.morphologyEx(ink, cv2.MORPH_CLOSE, bridge) > 0)
+        rest |= down & (cv2.morphologyEx(ink, cv2.MORPH_CLOSE, bridge.T) > 0)
+        rest &= ~_frame_sides(rest, mask & ~rest, digit)
+        x = np.where(mask & ~rest, 0.0, x).astype(np.float32)
+    # Marks: groups of pieces of ink (boxes within 0.3 of a digit height of each other) smaller than half a
+    # digit height each way. The pieces of a thin digit broken apart make a group of a digit's size, and stay.
+    if removed:
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(rest.astype(np.uint8), connectivity=8)
+    if count > 2:
+        left, top, width, height = (stats[1:, k].astype(np.float64) for k in range(4))
+        small = (width < 0.5 * digit) & (height < 0.5 * digit)
+        if small.any() and not small.all():
+            gap_x = np.maximum(0, np.maximum(left[:, None], left[None]) - np.minimum(left + width, (left + width)[:, None]))
+            gap_y = np.maximum(0, np.maximum(top[:, None], top[None]) - np.minimum(top + height, (top + height)[:, None]))
+            near = np.hypot(gap_x, gap_y) <= 0.3 * digit
+            # Join pieces near each other into groups (a closure over `near`); a group of small pieces that
+            # together stay under half a digit each way is a mark: two specks side by side are still specks.
+            group = np.arange(len(small))
+            for _ in range(len(small)):
+                joined = np.where(near, group[None, :], len(small)).min(1)
+                if np.array_equal(joined, group):
+                    break
+                group = joined
+            far = np.zeros_like(small)
+            for g in np.unique(group):
+                members = group == g
+                extent_x = (left + width)[members].max() - left[members].min()
+                extent_y = (top + height)[members].max() - top[members].min()
+                far |= members & small[members].all() & (extent_x < 0.5 * digit) & (extent_y < 0.5 * digit)
+            if far.any():
+                removed.append("marks")
+                marks = np.isin(labels, 1 + np.flatnonzero(far))
+                rest &= ~marks
+                x = np.where(marks, 0.0, x).astype(np.float32)
+    if not rest.any():  # never everything: what was taken for clutter was the writing
+        return x0, mask, (), 0.0
+    # The digit height measured on all the ink holds for what is left when nothing went: it saves measuring again.
+    return x, rest, tuple(removed), digit if all_ink and not removed else 0.0
 
 
 def preprocess_image(

@@ -7,10 +7,13 @@ import os
 import shutil
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
 from data.mnist import load_pools
+from data.synth import STYLES, SequenceSynth
 from model.checkpoint import DEFAULT_CHECKPOINT, checkpoint_paths, save_checkpoint
 from model.network import DigitReader, ModelConfig
 
@@ -57,3 +60,23 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """The tiny reader saved as a checkpoint: for tests of behaviour that needs no trained weights."""
     torch.manual_seed(0)
     return save_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-reader", DigitReader(TINY).eval())
+
+
+@pytest.fixture(scope="session")
+def form_photo(pools, tmp_path_factory) -> tuple[Path, str]:
+    """A JPEG like a phone photo of a form field, and its digits: six MNIST test digits in dark ink, four
+    times their size, in a printed box on ruled paper, with a dark margin at the left, the page turned
+    4 degrees under warm light."""
+    sample = SequenceSynth(pools["test"], STYLES["clean"], seed=25).sample("strip", 1, min_digits=6, max_digits=6)[0]
+    ink = cv2.resize(sample.image, None, fx=4, fy=4, interpolation=cv2.INTER_LINEAR)
+    paper = 0.92 - 0.8 * cv2.copyMakeBorder(ink, 140, 140, 160, 160, cv2.BORDER_CONSTANT, value=0)
+    h, w = paper.shape
+    for y in range(40, h, 90):
+        cv2.line(paper, (0, y), (w, y), 0.6, 3)
+    cv2.rectangle(paper, (110, 90), (w - 110, h - 90), 0.15, 6)
+    paper[:, :30] = 0.1
+    turned = cv2.warpAffine(paper, cv2.getRotationMatrix2D((w / 2, h / 2), 4.0, 1.0), (w, h), borderValue=0.92)
+    rgb = np.stack([turned, turned * 0.97, turned * 0.9], -1)
+    path = tmp_path_factory.mktemp("photos") / "form.jpg"
+    cv2.imwrite(str(path), (np.clip(rgb, 0, 1) * 255).astype(np.uint8)[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return path, "".join(map(str, sample.digits))

@@ -19,11 +19,21 @@ from streamlit.testing.v1 import AppTest
 import data.mnist
 from app_support.checkpoints import CHECKPOINTS_ENV, reader_checkpoints
 from app_support.examples import EXAMPLES_DIR, LABELS_FILE, shipped_example, synthesize_example
-from app_support.inputs import BEAM_WIDTH, canvas_image, image_digest
-from app_support.visuals import NO_DIGITS, attention_overlay, confidence_chart, select_attention, step_labels
+from app_support.inputs import BEAM_WIDTH, canvas_image, image_digest, suggested_box
+from app_support.visuals import (
+    NO_DIGITS,
+    attention_overlay,
+    confidence_chart,
+    draw_marks,
+    marks_scale,
+    reading_json,
+    reading_style,
+    select_attention,
+    step_labels,
+)
 from data.synth import LAYOUTS
 from model.checkpoint import checkpoint_paths
-from model.pipeline import ReadResult, SequenceReader
+from model.pipeline import ReadResult, SequenceReader, digit_marks
 from model.preprocess import load_image, preprocess_image
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
@@ -81,6 +91,11 @@ def app_read(reader: SequenceReader, image: Image.Image) -> ReadResult:
     return reader.read([image], beam=BEAM_WIDTH, attention=True)[0]
 
 
+def upload_read(reader: SequenceReader, image: Image.Image) -> ReadResult:
+    """The reading the app shows for an upload or a camera photo: of the image inside the crop box's first place."""
+    return app_read(reader, image.crop(suggested_box(reader, image)))
+
+
 def displayed(result: ReadResult) -> str:
     """What the app should show in large type for this reading."""
     return result.text or NO_DIGITS
@@ -115,7 +130,7 @@ def test_empty_canvas_shows_hint_not_error(app: AppTest) -> None:
 def test_uploaded_png_is_read_with_confidence_beam_and_attention(app: AppTest, reader: SequenceReader) -> None:
     upload(app, EXAMPLE_PNG.name, EXAMPLE_PNG.read_bytes())
     assert not app.exception and not app.error
-    expected = app_read(reader, load_image(EXAMPLE_PNG))
+    expected = upload_read(reader, load_image(EXAMPLE_PNG))
     assert shown_reading(app) == displayed(expected)
     captions = [c for image in app.image for c in image.captions]
     assert any(c.startswith("Input, 106x28") for c in captions)
@@ -149,7 +164,7 @@ def test_other_formats_are_read(app: AppTest, reader: SequenceReader, fmt: str, 
     data = encode(load_image(EXAMPLE_PNG).convert("RGB"), fmt, **options)
     upload(app, name, data, mime)
     assert not app.exception and not app.error
-    assert shown_reading(app) == displayed(app_read(reader, load_image(data)))
+    assert shown_reading(app) == displayed(upload_read(reader, load_image(data)))
 
 
 def test_16_bit_png_is_read_and_shown(app: AppTest, reader: SequenceReader) -> None:
@@ -158,7 +173,7 @@ def test_16_bit_png_is_read_and_shown(app: AppTest, reader: SequenceReader) -> N
     assert load_image(data).mode.startswith("I")
     upload(app, "scan16.png", data)
     assert not app.exception and not app.error
-    assert shown_reading(app) == displayed(app_read(reader, load_image(data)))
+    assert shown_reading(app) == displayed(upload_read(reader, load_image(data)))
 
 
 def test_gif_uses_its_first_frame(app: AppTest, reader: SequenceReader) -> None:
@@ -167,7 +182,7 @@ def test_gif_uses_its_first_frame(app: AppTest, reader: SequenceReader) -> None:
     data = encode(first, "GIF", save_all=True, append_images=[blank])
     upload(app, "digits.gif", data, "image/gif")
     assert not app.exception and not app.error
-    assert shown_reading(app) == displayed(app_read(reader, first))
+    assert shown_reading(app) == displayed(upload_read(reader, first))
 
 
 def test_exif_orientation_is_honoured(app: AppTest) -> None:
@@ -187,7 +202,7 @@ def test_camera_photo_is_read(app: AppTest, reader: SequenceReader) -> None:
     app.camera_input[0].set_value(("photo.jpg", photo, "image/jpeg"))
     app.run()
     assert not app.exception and not app.error
-    assert shown_reading(app) == displayed(app_read(reader, load_image(photo)))
+    assert shown_reading(app) == displayed(upload_read(reader, load_image(photo)))
 
 
 def test_garbage_upload_shows_error_and_app_keeps_running(app: AppTest) -> None:
@@ -227,6 +242,41 @@ def test_attention_selectors_change_the_heatmaps(app: AppTest, reader: SequenceR
     assert len(single) == len(averaged)
     assert single != averaged
     assert {m.label: m.value for m in app.metric}["Read in"] == time_shown  # the same reading, not read again
+
+
+def test_digit_marks_and_the_step_slider_follow_each_other(app: AppTest, reader: SequenceReader) -> None:
+    upload(app, EXAMPLE_PNG.name, EXAMPLE_PNG.read_bytes())
+    expected = upload_read(reader, load_image(EXAMPLE_PNG))
+    steps = len(expected.reading.step_probs)
+    marks = [img for image in app.image for img in image.proto.imgs if img.alt == "digit marks on the input"]
+    assert len(marks) == 1
+    step = next(s for s in app.slider if s.label == "Decoding step")
+    assert step.value == 1 and step.max == steps
+    assert any(c.value.startswith(f"Step 1 of {steps}: digit {expected.digits[0]}") for c in app.caption)
+    step.set_value(steps).run()
+    assert not app.exception
+    assert any(c.value.startswith(f"Step {steps} of {steps}: the end token") for c in app.caption)
+    assert any(f"Read so far: {expected.text}." in c.value for c in app.caption)
+
+
+def test_rotate_buttons_turn_a_sideways_photo_upright(app: AppTest, reader: SequenceReader) -> None:
+    upright = load_image(EXAMPLE_PNG).convert("RGB")
+    sideways = upright.transpose(Image.Transpose.ROTATE_270)  # turned 90 degrees clockwise
+    upload(app, "sideways.png", encode(sideways, "PNG"))
+    assert not app.exception
+    next(b for b in app.button if b.label == "Rotate left").click().run()
+    assert not app.exception and not app.error
+    assert shown_reading(app) == displayed(upload_read(reader, upright))
+    next(b for b in app.button if b.label == "Rotate right").click().run()
+    assert shown_reading(app) == displayed(upload_read(reader, sideways))
+
+
+def test_the_reading_can_be_copied_and_downloaded_as_json(app: AppTest, reader: SequenceReader) -> None:
+    upload(app, EXAMPLE_PNG.name, EXAMPLE_PNG.read_bytes())
+    expected = upload_read(reader, load_image(EXAMPLE_PNG))
+    assert [c.value for c in app.code] == [expected.text]  # st.code: a box with a copy button
+    downloads = app.get("download_button")
+    assert len(downloads) == 1 and downloads[0].proto.label == "Download the reading as JSON"
 
 
 def test_example_button_shows_prediction_and_true_digits(app: AppTest, reader: SequenceReader) -> None:
@@ -381,3 +431,26 @@ def test_synthesized_examples_follow_layout_and_seed(pools: dict) -> None:
     assert again.digits == grid.digits and image_digest(again.image) == image_digest(grid.image)
     layouts = {synthesize_example(pools["test"], "any", "drawn", seed=s).description.split(" ")[0] for s in range(30)}
     assert layouts == set(LAYOUTS)
+
+
+def test_reading_style_keeps_sixteen_digits_on_one_line() -> None:
+    assert "white-space: nowrap" in reading_style(16) and "calc(85vw" in reading_style(16)
+    assert "nowrap" not in reading_style(17) and "break-all" in reading_style(17)
+
+
+def test_reading_json_and_marks_drawing(reader: SequenceReader) -> None:
+    image = load_image(EXAMPLE_PNG)
+    result = app_read(reader, image)
+    cfg = reader.model.cfg
+    marks = digit_marks(result, cfg.stride, cfg.digit_height)
+    scale = marks_scale(result, image)
+    record = json.loads(reading_json(result, 0.0123, marks, scale, "digit-reader.safetensors"))
+    assert record["digits"] == result.text and len(record["steps"]) == len(result.digits)
+    assert all(0 <= step["x"] <= image.width and 0 <= step["y"] <= image.height for step in record["steps"])
+    assert [a["digits"] for a in record["alternatives"]] == ["".join(map(str, h.digits)) for h in result.alternatives]
+    plain, picked = np.asarray(draw_marks(image, marks, scale)), np.asarray(draw_marks(image, marks, scale, selected=0))
+
+    def red(array: np.ndarray) -> int:
+        return int(((array[..., 0] > 200) & (array[..., 1] < 110)).sum())
+
+    assert red(plain) == 0 < red(picked)

@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from playwright.sync_api import Browser, Locator, Page, sync_playwright
 
@@ -196,7 +198,7 @@ def test_draw_read_clear_and_example(browser: Browser, app_server: tuple[str, fl
     assert five_digits > four_digits
     print(f"after a fifth digit: '{reading.inner_text().strip()}' in {read_time(page)}")
 
-    page.get_by_role("slider").focus()
+    page.get_by_test_id("stSlider").filter(has_text="Brush width").get_by_role("slider").focus()
     for _ in range(4):
         page.keyboard.press("ArrowRight")
     page.get_by_test_id("stSliderThumbValue").filter(has_text="20").wait_for()
@@ -231,4 +233,71 @@ def test_draw_read_clear_and_example(browser: Browser, app_server: tuple[str, fl
     wait_until_idle(page)
     assert page.get_by_text("✓ correct").count() + page.get_by_text("✗ wrong").count() == 1
     screenshot_whole_app(page, screenshots / "app-example.png")
+    assert not page.get_by_test_id("stException").count()
+
+
+def drag_crop_edge(page: Page, fraction: float) -> None:
+    """Drag the crop box's bottom-right corner left, to fraction of the box's width."""
+    frame = page.locator('iframe[title="streamlit_cropper.st_cropper"]')
+    box = frame.bounding_box()
+    assert box is not None, "the crop box is not on the page"
+    canvas = frame.content_frame.locator("canvas.upper-canvas")
+    area = canvas.bounding_box()
+    assert area is not None
+    # Find the box's corner: the cropper draws it in red, inside the image the canvas shows.
+    pixels = np.frombuffer(canvas.screenshot(type="png"), np.uint8)
+    picture = cv2.imdecode(pixels, cv2.IMREAD_COLOR)
+    assert picture is not None, "the crop box's screenshot did not decode"
+    red = (picture[..., 2] > 200) & (picture[..., 1] < 110) & (picture[..., 0] < 110)
+    ys, xs = np.nonzero(red)
+    scale = area["width"] / picture.shape[1]
+    left, right, bottom = xs.min() * scale, xs.max() * scale, ys.max() * scale
+    start = (area["x"] + right - 2, area["y"] + bottom - 2)
+    page.mouse.move(*start)
+    page.mouse.down()
+    page.mouse.move(area["x"] + left + fraction * (right - left), start[1], steps=12)
+    page.mouse.up()
+
+
+def test_photo_upload_crop_and_digit_marks(browser: Browser, app_server: tuple[str, float], tmp_path: Path,
+                                           form_photo: tuple[Path, str]) -> None:
+    """A photo of a form field: the crop box starts around the digits (not the border or the rules), the
+    reading has marks on the photo, a digit picked moves the step slider, figures are not cut short, the
+    reading stays on one line, and moving the crop box changes what is read."""
+    url, started = app_server
+    photo, truth = form_photo
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    open_app(page, url, started)
+    page.get_by_text("Upload", exact=True).click()
+    page.locator('input[type="file"]').set_input_files(str(photo))
+    reading = page.locator(".digit-reading")
+    reading.wait_for(timeout=WAIT_MS)
+    page.locator('iframe[title="streamlit_cropper.st_cropper"]').wait_for(timeout=WAIT_MS)
+    page.locator('img[alt="digit marks on the input"]').wait_for(timeout=WAIT_MS)
+    wait_until_idle(page)
+    text = reading.inner_text().strip()
+    print(f"form photo read '{text}' (true digits {truth}) in {read_time(page)}")
+    assert text == truth
+    for value in page.get_by_test_id("stMetricValue").all():  # no figure cut short with an ellipsis
+        assert value.evaluate("element => element.scrollWidth <= element.clientWidth + 1")
+    assert reading.evaluate("element => element.getBoundingClientRect().height < 1.6 * parseFloat(getComputedStyle(element).fontSize)")
+
+    pills = page.get_by_test_id("stButtonGroup").filter(has_text="1: ")
+    for index, digit in enumerate(truth):  # one pill per digit read, in reading order
+        assert pills.get_by_text(f"{index + 1}: {digit}", exact=True).is_visible()
+    pills.get_by_text(f"3: {truth[2]}", exact=True).click()
+    page.get_by_test_id("stSliderThumbValue").filter(has_text="3").wait_for(timeout=WAIT_MS)
+    page.get_by_text("Step 3 of").wait_for(timeout=WAIT_MS)
+    wait_until_idle(page)
+    screenshots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path)
+    screenshot_whole_app(page, screenshots / "app-photo.png")
+
+    drag_crop_edge(page, 0.5)
+    page.wait_for_function(
+        "length => document.querySelector('.digit-reading').innerText.trim().length < length", arg=len(truth), timeout=WAIT_MS
+    )
+    wait_until_idle(page)
+    cropped = reading.inner_text().strip()
+    print(f"after cropping to the left half: '{cropped}'")
+    assert truth.startswith(cropped[:2])
     assert not page.get_by_test_id("stException").count()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import cv2
 import numpy as np
 import torch
 
@@ -57,6 +58,26 @@ def canonical_images(samples: list[Sample], model: ModelConfig) -> list[np.ndarr
         except NoInkError:
             side = int(model.digit_height) + 2 * MARGIN
             out.append(np.zeros((side, side), dtype=np.float32))
+    return out
+
+
+def in_square(image: np.ndarray, side: int) -> np.ndarray:
+    """A canonical image in the top left corner of a side x side square (where `batch_images` puts every
+    image), shrunk first (aspect kept) if it is larger.
+
+    The classifier stage's batches: a single preprocessed digit is side = digit_height + 2 * MARGIN
+    tall, so nearly all fit unchanged, and every image costs the same few tokens instead of its
+    batch's widest digit's (a batch of 128 padded to its largest image held 15 to 30 tokens, not 9).
+    Centring them instead cost 2.5 points of MNIST test accuracy: the encoder's position embeddings
+    then learn a place that evaluation, padding at the right, does not use.
+    """
+    height, width = image.shape
+    if height > side or width > side:
+        fit = side / max(height, width)
+        height, width = max(1, min(side, round(height * fit))), max(1, min(side, round(width * fit)))
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    out = np.zeros((side, side), dtype=np.float32)
+    out[:height, :width] = image
     return out
 
 
@@ -130,6 +151,8 @@ class BatchMaker:
         self.rank, self.world_size, self.groups, self.bank_steps = rank, world_size, groups, bank_steps
         self.digit_height = model.digit_height
         self.max_size = model.max_size
+        # A classifier reads one digit per image: each goes into a fixed square (`in_square`).
+        self.square = round(model.digit_height) + 2 * MARGIN if model.kind == "classifier" else 0
         unit = model.digit_height / MNIST_DIGIT_HEIGHT
         self.banks = {
             name: DigitBank(pool, STYLES[name], unit, bank_size, seed=seed * 1000 + 100 * rank + i)
@@ -154,7 +177,11 @@ class BatchMaker:
 
     def __call__(self, step: int) -> list[Batch]:
         """This rank's share of step `step`: one Batch per group."""
-        return [collate([s.image for s in group], [s.digits for s in group], group[0].layout) for group in self.samples(step)]
+        batches = []
+        for group in self.samples(step):
+            images = [in_square(s.image, self.square) if self.square else s.image for s in group]
+            batches.append(collate(images, [s.digits for s in group], group[0].layout))
+        return batches
 
 
 def _weighted_choice(weights: dict[str, float], rng: np.random.Generator) -> str:
