@@ -504,8 +504,9 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     "1" drawn as tall as its canvas is a digit); the digit height is then measured on what is left, and
     straight strokes longer than 2.5 digit heights (1.8 for vertical ones: no digit stroke is that tall)
     go too. Where a digit's stroke crosses a removed line, the line's pixels between the stroke's two
-    sides are put back. A mark is small (under half a digit height each way) and more than half a digit
-    height away from every larger piece of ink.
+    sides are put back, and the short sides of a frame whose long sides went go too (`_frame_sides`).
+    Marks are groups of small pieces of ink (see below) under half a digit height each way. Nothing is
+    taken when it would take all the ink.
     """
     x0, (h, w) = x, mask.shape
     across = _long_lines(mask, math.ceil(0.8 * w), True)  # lines that are mostly horizontal

@@ -1,0 +1,43 @@
+"""`python -m benchmarks.synthesis`: what one training image costs to make, per style, on one thread.
+
+For each style, 16 strips of each length from 1 to 16 digits are made the way training makes them
+(`data.synth.SequenceSynth.canonical` from a `DigitBank` at the model's scale), so the figure counts
+composing, rendering, any round trip through the reader's preprocessing, and the model input. The
+photo styles (`lined`, `cell`, `phone`) always take the round trip, which is what makes them costly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from data.mnist import load_pools
+from data.synth import MNIST_DIGIT_HEIGHT, STYLES, DigitBank, SequenceSynth
+from model.network import ModelConfig
+from train.loop import RACE_MODEL
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.synthesis", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--styles", default="clean,train,drawn,lined,cell,phone", help="comma-separated style names")
+    parser.add_argument("--data-root", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    pool = load_pools(args.data_root, splits=("train",))["train"]
+    model: ModelConfig = RACE_MODEL
+    print(f"strips of 1-16 digits at {model.digit_height:g} px digits, one thread")
+    print("| style | ms per image |\n|---|---:|")
+    for style in args.styles.split(","):
+        bank = DigitBank(pool, STYLES[style], model.digit_height / MNIST_DIGIT_HEIGHT, 2048, seed=1).at(0)
+        synth = SequenceSynth(pool, STYLES[style], seed=3)
+        began, made = time.perf_counter(), 0
+        for length in range(1, 17):
+            made += len(synth.canonical("strip", 16, bank, model.digit_height, model.max_size, min_digits=length, max_digits=length))
+        print(f"| {style} | {1000 * (time.perf_counter() - began) / made:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
