@@ -11,7 +11,6 @@ from __future__ import annotations
 import secrets
 import time
 
-import numpy as np
 import streamlit as st
 import torch
 from PIL import Image
@@ -287,8 +286,8 @@ def show_model_input(reader: SequenceReader, image: Image.Image, result: ReadRes
     notes = ["cropped to the ink", f"digits scaled to about {cfg.digit_height:g} px tall"]
     if prepared.inverted:
         notes.append("dark ink on a light background, so inverted")
-    if prepared.deskew is not None:
-        degrees = np.degrees(np.arctan2(-prepared.deskew[1, 0], prepared.deskew[0, 0]))
+    if prepared.levelled_by:
+        degrees = prepared.levelled_by
         notes.append(f"turned {abs(degrees):.1f} degrees {'anticlockwise' if degrees > 0 else 'clockwise'} to level the line")
     if prepared.removed:
         notes.append(" and ".join({"lines": "ruled, printed or border lines", "marks": "stray marks"}[r] for r in prepared.removed)

@@ -164,7 +164,7 @@ def reading_json(result: ReadResult, seconds: float, marks: list[DigitMark], sca
     """The reading as JSON for the download button: digits, probabilities, each digit's position on the
     input image (pixels), the beam's alternatives, and what preprocessing did."""
     prepared = result.preprocessed
-    turned = None if prepared.deskew is None else round(float(np.degrees(np.arctan2(-prepared.deskew[1, 0], prepared.deskew[0, 0]))), 2)
+    turned = round(prepared.levelled_by, 2) if prepared.deskew is not None else None
     record = {
         "digits": result.text,
         "probability": round(result.confidence, 6),

@@ -71,6 +71,11 @@ class Preprocessed:
     deskew: np.ndarray | None = None  # the 2x3 affine that turned the working image level, if it was turned
     removed: tuple[str, ...] = ()  # what was taken out as not digits: "lines", "marks"
 
+    @property
+    def levelled_by(self) -> float:
+        """Degrees the working image was turned (counter-clockwise) to level its line of digits; 0 if it was not."""
+        return 0.0 if self.deskew is None else float(np.degrees(np.arctan2(-self.deskew[1, 0], self.deskew[0, 0])))
+
     def to_working(self, points: np.ndarray) -> np.ndarray:
         """Canonical-image (x, y) points (N, 2) as points of the working image, before any deskew.
 

@@ -68,8 +68,7 @@ def test_a_turned_line_of_digits_is_levelled(paper_strip, degrees):
     turned = cv2.warpAffine(paper, turn, (w, h), flags=cv2.INTER_LINEAR, borderValue=1.0)
     out = preprocess_array(turned, 16.0)
     assert out.deskew is not None
-    levelled_by = np.degrees(np.arctan2(-out.deskew[1, 0], out.deskew[0, 0]))  # counter-clockwise, as cv2 turns
-    assert abs(levelled_by + degrees) <= 1.0
+    assert abs(out.levelled_by + degrees) <= 1.0
     assert abs(out.image.shape[0] - preprocess_array(paper, 16.0).image.shape[0]) <= 3
 
 
