@@ -268,7 +268,7 @@ def show_digit_marks(reader: SequenceReader, image: Image.Image, result: ReadRes
                        alt="digit marks on the input")
     assert result.reading.attention is not None, "the app reads with attention"
     canonical = result.preprocessed.image
-    heat = select_attention(result.reading.attention, None, None)[step]
+    heat = select_attention(result.reading.attention[step : step + 1], None, None)[0]  # this step's map only
     heat_column.image(attention_overlay(canonical, heat, reader.model.cfg.stride, overlay_zoom(canonical.shape[0])),
                       alt=f"selected step's attention, {labels[step]}")
     so_far = "".join(map(str, result.digits[: step + (selected is not None)])) or "nothing yet"

@@ -69,10 +69,11 @@ def digit_marks(result: ReadResult, stride: int, digit_height: float) -> list[Di
         weights = maps[step] ** 2
         weights = weights / max(float(weights.sum()), 1e-12)
         cx, cy = float((weights * token_x).sum()), float((weights * token_y).sum())
-        box = np.array([[cx - half_w, cy - half_h], [cx + half_w, cy - half_h], [cx + half_w, cy + half_h], [cx - half_w, cy + half_h]])
-        centre = result.preprocessed.to_working(np.array([[cx, cy]]))[0]
-        marks.append(DigitMark(digit, result.reading.step_probs[step], (float(centre[0]), float(centre[1])),
-                               result.preprocessed.to_working(box)))
+        # The centre and the box's corners, mapped to the working image in one call.
+        points = result.preprocessed.to_working(np.array([
+            [cx, cy], [cx - half_w, cy - half_h], [cx + half_w, cy - half_h], [cx + half_w, cy + half_h], [cx - half_w, cy + half_h],
+        ]))
+        marks.append(DigitMark(digit, result.reading.step_probs[step], (float(points[0, 0]), float(points[0, 1])), points[1:]))
     return marks
 
 

@@ -19,7 +19,8 @@ Steps, each there for a failure seen on real inputs:
    and small marks far from the digits are removed, and a line of text turned by 3 to 15
    degrees is levelled (along the ink's principal axis);
 7. crop to the ink; the digit height is measured per text line (lines are bands
-   of rows with ink, see docs/READING_ORDER.md) and the crop rescaled to the target.
+   of rows with ink, see docs/READING_ORDER.md; a lone digit's detached strokes, such as
+   the bar of a 5, count as part of it) and the crop rescaled to the target.
 """
 
 from __future__ import annotations
@@ -279,8 +280,39 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
 
 
 def text_lines(mask: np.ndarray) -> list[tuple[int, int]]:
-    """Row ranges of the text lines: maximal bands of rows that contain ink."""
-    return _runs(np.asarray(mask.any(axis=1)))
+    """Row ranges of the text lines: maximal bands of rows that contain ink, except that around a lone
+    glyph (`_join_detached_strokes`) the bands of its detached strokes join it."""
+    bands = _runs(np.asarray(mask.any(axis=1)))
+    return _join_detached_strokes(mask, bands) if len(bands) > 1 else bands
+
+
+def _join_detached_strokes(mask: np.ndarray, bands: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Join to a lone glyph the bands that are strokes of it: the detached top bar of a 5, the upper
+    half of a broken 7. Left apart, such a band cuts its digit short and the digit is scaled up by as
+    much. A lone glyph is the only band at least half the tallest band's height, with its ink in one
+    run of columns: with more digits beside it the median height needs no help. A stroke band is at
+    least 0.3 of the glyph's height wide, within 0.3 of it above or below, and has half or more of its
+    ink columns over the glyph's; specks (too narrow) and rule remnants (not over it) stay apart.
+    """
+    heights = [bottom - top for top, bottom in bands]
+    tallest = max(heights)
+    if sum(h >= 0.5 * tallest for h in heights) > 1:
+        return bands
+    glyph = heights.index(tallest)
+    glyph_columns = np.asarray(mask[bands[glyph][0] : bands[glyph][1]].any(axis=0))
+    if len(_runs(glyph_columns)) > 1:
+        return bands
+    top, bottom = bands[glyph]
+    for i in sorted(range(len(bands)), key=lambda i: abs(i - glyph)):  # nearest first, so joined bands stay contiguous
+        band_top, band_bottom = bands[i]
+        ink_columns = np.flatnonzero(mask[band_top:band_bottom].any(axis=0))
+        gap = max(band_top - bottom, top - band_bottom)
+        if (
+            i != glyph and gap <= 0.3 * tallest and ink_columns[-1] + 1 - ink_columns[0] >= 0.3 * tallest
+            and np.count_nonzero(glyph_columns[ink_columns]) > 0
+        ):
+            top, bottom = min(top, band_top), max(bottom, band_bottom)
+    return sorted([band for band in bands if band[1] <= top or band[0] >= bottom] + [(top, bottom)])
 
 
 def estimate_digit_height(mask: np.ndarray) -> float:

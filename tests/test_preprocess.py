@@ -11,6 +11,7 @@ from model.preprocess import (
     WORKING_SIDE,
     ImageReadError,
     NoInkError,
+    estimate_digit_height,
     load_image,
     preprocess_array,
     preprocess_image,
@@ -190,3 +191,31 @@ def test_bold_strokes_of_a_small_clean_image_are_not_hollowed(pools):
     ink = out[MARGIN:-MARGIN, MARGIN:-MARGIN]
     ring = cv2.resize(bold, (ink.shape[1], ink.shape[0]), interpolation=cv2.INTER_AREA) > 0.9
     assert ink[ring].mean() > 0.9  # the middle of every stroke stays full-bright
+
+
+def _five_with_detached_bar() -> np.ndarray:
+    """A 20 px tall "5" whose top bar (3 rows) is written apart from its body, as some MNIST fives are."""
+    five = np.zeros((20, 16), dtype=bool)
+    five[0:3, 4:15] = True  # the bar
+    five[5:8, 2:5] = True  # the stem
+    five[8:20, 2:14] = np.pad(np.ones((12, 12), bool), 0) & ~np.pad(np.ones((8, 8), bool), 2)  # the bowl
+    return five
+
+
+def test_a_digit_with_a_detached_stroke_is_measured_whole():
+    """Its bar is part of the digit, not a line of text: the height is the digit's, not its body's."""
+    assert estimate_digit_height(_five_with_detached_bar()) == 20
+
+
+def test_detached_strokes_join_only_a_lone_glyph():
+    five = _five_with_detached_bar()
+    two_lines = np.zeros((48, 16), dtype=bool)  # the same five twice, one line below the other
+    two_lines[:20], two_lines[28:] = five, five
+    assert estimate_digit_height(two_lines) == 15  # each stem-and-bowl: lines never merge
+    speck = np.zeros((24, 16), dtype=bool)
+    speck[0:2, 6:8] = True  # a dot above the digit is too narrow to be a stroke of it
+    speck[4:24] = five
+    assert estimate_digit_height(speck) == 20
+    beside = np.zeros((20, 40), dtype=bool)  # with a digit beside it, the median over the line's digits decides
+    beside[:, :16], beside[5:, 22:30] = five, True
+    assert estimate_digit_height(beside) == 15
