@@ -36,6 +36,7 @@ eval: setup
 
 train: setup
 	$(PY) -m train --preset default --out runs/default
+	$(PY) -m train --preset finetune --out runs/finetune
 
 race: setup
 	$(PY) -m train --preset race --out runs/race

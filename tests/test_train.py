@@ -77,3 +77,24 @@ def test_a_budgeted_schedule_follows_the_clock():
     assert learning_rate(cfg, 0, elapsed_s=0.0, budget_s=100.0) == 1e-3 / 10  # warm-up counts steps
     assert abs(learning_rate(cfg, 500, elapsed_s=50.0, budget_s=100.0) - (0.05e-3 + 0.95e-3 / 2)) < 1e-12
     assert abs(learning_rate(cfg, 5000, elapsed_s=100.0, budget_s=100.0) - 0.05e-3) < 1e-12  # the floor at the end
+
+
+def test_a_fine_tune_starts_from_the_weights_and_trains_on_frozen_batchnorm_statistics(tmp_path):
+    """With freeze_batchnorm the stem normalises with its running statistics in training too, so they never move
+    (a micro-batch's own statistics, of one layout, differ from those the model reads with); init_from starts
+    the run from all of a checkpoint's weights."""
+    base = replace(PRESETS["tiny"], steps=4, warmup_steps=1, eval_every=2, save_every=2, batch_size=4, val_per_layout=2)
+    train(base, tmp_path / "base")
+    start, _ = load_checkpoint(tmp_path / "base" / "last.safetensors")
+    tuned_cfg = replace(base, init_from=str(tmp_path / "base" / "last.safetensors"), freeze_batchnorm=True)
+    train(tuned_cfg, tmp_path / "tuned")
+    tuned, _ = load_checkpoint(tmp_path / "tuned" / "last.safetensors")
+    before, after = start.state_dict(), tuned.state_dict()
+    statistics = [name for name in before if name.endswith(("running_mean", "running_var"))]
+    assert statistics and all(torch.equal(before[name], after[name]) for name in statistics)
+    assert not torch.equal(before["decoder.head.weight"], after["decoder.head.weight"])  # the rest trained
+
+    # Without freezing, the same run moves them: the test above can fail.
+    train(replace(tuned_cfg, freeze_batchnorm=False), tmp_path / "free")
+    free = load_checkpoint(tmp_path / "free" / "last.safetensors")[0].state_dict()
+    assert not all(torch.equal(before[name], free[name]) for name in statistics)

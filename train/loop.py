@@ -56,6 +56,12 @@ class TrainConfig:
     bank_size: int = 2048  # warped digits per style held at once (train.batches.BatchMaker)
     bank_steps: int = 64  # steps between bank rebuilds: each warped digit is used about twice
     init_encoder: str = ""  # checkpoint whose encoder weights start this run (e.g. a trained classifier)
+    init_from: str = ""  # checkpoint whose weights, all of them, start this run: a fine-tune
+    # BatchNorm (the conv stem) normalises with its running statistics in training as in reading, instead of
+    # with each micro-batch's own. A micro-batch holds one layout: scattered pairs are mostly background,
+    # so their batch statistics differ from the running ones, which average all layouts, and a model
+    # trained on batch statistics misreads them when it reads with the running ones (docs/TRAINING.md).
+    freeze_batchnorm: bool = False
     loader_workers: int = 0  # processes that make batches ahead of the step; 0 = in the loop
     compile: bool = False
     device: str = "auto"
@@ -76,6 +82,7 @@ class TrainConfig:
 RACE_MODEL = ModelConfig(
     stem_channels=(24, 48), patch_size=2, d_model=96, n_heads=4, n_encoder_layers=4, n_decoder_layers=2, digit_height=16.0,
 )
+DEFAULT_STYLES = {"clean": 0.3, "train": 0.4, "drawn": 0.21, "lined": 0.03, "cell": 0.03, "phone": 0.03}
 PRESETS: dict[str, TrainConfig] = {
     # A model small enough to train in seconds: tests and smoke runs.
     "tiny": TrainConfig(
@@ -92,19 +99,26 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     # From scratch to a reader in 20 minutes of wall time on this CPU, classifier pretraining included.
     # Twenty minutes cannot teach lines of 16 digits or pages of 24: the race trains the layouts it is
-    # scored on (grids, lines of up to 10), with single digits and scattered pairs beside them.
+    # scored on (grids, lines of up to 10), with single digits and scattered pairs beside them. Its reader stage
+    # keeps the statistics the classifier stage left in the stem's BatchNorm (freeze_batchnorm).
     "race": TrainConfig(
         model=RACE_MODEL, layouts={"single": 0.1, "grid2x2": 0.3, "strip": 0.45, "scatter": 0.15}, max_digits=10,
-        steps=10**6, time_budget_s=1200, pretrain_s=240, lr=1.5e-3, warmup_steps=200, ramp_steps=1000,
+        freeze_batchnorm=True, steps=10**6, time_budget_s=1200, pretrain_s=240, lr=1.5e-3, warmup_steps=200, ramp_steps=1000,
         eval_every=1000, save_every=500,
     ),
     # The shipped checkpoint: the race's recipe on the full mixture, given 7,000 s (117 minutes), 10 of them pretraining.
     # 9% of its images are photos of paper with more on it than digits (rules, cells, a phone's view: data.synth);
     # each costs 4-10 ms of synthesis and preprocessing against 0.2-0.6 ms for the others, hence no more.
     "default": TrainConfig(
-        model=RACE_MODEL, styles={"clean": 0.3, "train": 0.4, "drawn": 0.21, "lined": 0.03, "cell": 0.03, "phone": 0.03},
+        model=RACE_MODEL, styles=DEFAULT_STYLES,
         steps=10**6, time_budget_s=7000, pretrain_s=600, lr=1.5e-3, warmup_steps=200, ramp_steps=1000, eval_every=2000,
         save_every=500,
+    ),
+    # The shipped checkpoint's second stage: the default run's weights, 1,500 s more on its mixture with the
+    # stem's BatchNorm frozen, so that the model trains on the statistics it reads with (freeze_batchnorm).
+    "finetune": TrainConfig(
+        model=RACE_MODEL, styles=DEFAULT_STYLES, init_from="runs/default/last.safetensors", freeze_batchnorm=True,
+        steps=10**6, time_budget_s=1500, lr=3e-4, warmup_steps=50, ramp_steps=0, eval_every=500, save_every=250,
     ),
 }
 
@@ -223,6 +237,7 @@ def validation_batches(pool: DigitPool, cfg: TrainConfig) -> list[Batch]:
 @torch.no_grad()
 def validate(model: DigitReader | DigitClassifier, batches: list[Batch], device: torch.device) -> dict[str, float]:
     """Exact-match per layout from real greedy decoding (or argmax accuracy for the classifier)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     scores = {}
     for batch in batches:
@@ -233,8 +248,18 @@ def validate(model: DigitReader | DigitClassifier, batches: list[Batch], device:
             predicted = [reading.digits for reading, _ in read_batch(model, images, mask)]
         scores[batch.layout] = float(np.mean([p == t for p, t in zip(predicted, batch.digits)]))
     scores["mean"] = float(np.mean(list(scores.values())))
-    model.train()
+    for module, training in modes:  # back to the modes training set (frozen BatchNorm stays frozen)
+        module.train(training)
     return scores
+
+
+def training_mode(model: torch.nn.Module, freeze_batchnorm: bool) -> None:
+    """model.train(), with its BatchNorm layers left in eval mode (running statistics, not updated) when frozen."""
+    model.train()
+    if freeze_batchnorm:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 class MetricLog:
@@ -323,8 +348,18 @@ def finished(checkpoint: Path) -> bool:
     return checkpoint.exists() and bool(read_meta(checkpoint)["training"].get("finished"))
 
 
-def _model_for(cfg: TrainConfig, device: torch.device, init_encoder: str, announce: bool) -> DigitReader | DigitClassifier:
+def _model_for(
+    cfg: TrainConfig, device: torch.device, init_encoder: str, init_from: str, announce: bool,
+) -> DigitReader | DigitClassifier:
     model = build_model(cfg.model).to(device)
+    if init_from:
+        source, _ = load_checkpoint(init_from, device=str(device))
+        try:
+            model.load_state_dict(source.state_dict())
+        except RuntimeError as exc:
+            raise CheckpointError(f"{init_from}: its weights do not fit this run's model config ({exc})") from exc
+        if announce:
+            print(f"weights initialised from {init_from}")
     if init_encoder:
         source, _ = load_checkpoint(init_encoder, device=str(device))
         try:
@@ -350,7 +385,7 @@ class _Stage:
         out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         self.pools = load_pools(data_root, splits=("train", "val"))
-        self.model = _model_for(cfg, place.device, "" if resume else init_encoder, place.is_main)
+        self.model = _model_for(cfg, place.device, "" if resume else init_encoder, "" if resume else cfg.init_from, place.is_main)
         self.optimizer = make_optimizer(self.model, cfg)
         self.start_step, self.best, self.elapsed_before, self.samples = 0, -1.0, 0.0, 0
         # The code that trains is the code of the commit the run started from; the JSON's git_commit says
@@ -418,7 +453,7 @@ class _Stage:
             processes = f", {place.world_size} processes of {cfg.batch_size // place.world_size} samples" if place.distributed else ""
             length = f"{self.budget_s:.0f} s" if self.budget_s else f"steps {self.start_step}->{cfg.steps}"
             print(f"{cfg.model.kind}: {count_parameters(self.model):,} parameters, device {place.device}, {length}{processes}")
-        self.model.train()
+        training_mode(self.model, cfg.freeze_batchnorm)
         metrics: dict = {}
         # A budgeted run stops early enough for its final validation and checkpoint to fit.
         deadline = self.budget_s - min(15.0, max(1.0, 0.05 * self.budget_s)) if self.budget_s else 0.0
