@@ -19,6 +19,7 @@ import torch
 
 from data.mnist import load_pools
 from data.suites import suite_samples
+from model.network import batchnorm_layers
 from model.pipeline import SequenceReader
 from model.preprocess import batch_images
 
@@ -29,7 +30,7 @@ def exact_match(reader: SequenceReader, prepared: list, truth: list[list[int]]) 
 
 def statistics_from(reader: SequenceReader, prepared: list, batch_size: int = 50) -> None:
     """Reset the stem's BatchNorm running statistics to the plain average over these images' batches."""
-    layers = [m for m in reader.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    layers = batchnorm_layers(reader.model)
     saved = [(m.momentum, m.training) for m in layers]
     for layer in layers:
         layer.reset_running_stats()

@@ -501,6 +501,11 @@ def build_model(cfg: ModelConfig) -> DigitReader | DigitClassifier:
     return DigitReader(cfg) if cfg.kind == "reader" else DigitClassifier(cfg)
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The model's BatchNorm layers (the conv stem's): the only layers whose output depends on the batch."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

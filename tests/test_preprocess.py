@@ -198,7 +198,8 @@ def _five_with_detached_bar() -> np.ndarray:
     five = np.zeros((20, 16), dtype=bool)
     five[0:3, 4:15] = True  # the bar
     five[5:8, 2:5] = True  # the stem
-    five[8:20, 2:14] = np.pad(np.ones((12, 12), bool), 0) & ~np.pad(np.ones((8, 8), bool), 2)  # the bowl
+    five[8:20, 2:14] = True  # the bowl: a 12x12 square ring, 2 px thick
+    five[10:18, 4:12] = False
     return five
 
 

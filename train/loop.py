@@ -21,7 +21,7 @@ from data.mnist import DigitPool, load_pools
 from data.synth import STYLES, SequenceSynth
 from model.checkpoint import CheckpointError, git_commit, load_checkpoint, load_training_state, read_meta, save_checkpoint, save_training_state
 from model.decoding import read_batch
-from model.network import DigitClassifier, DigitReader, ModelConfig, build_model, count_parameters
+from model.network import DigitClassifier, DigitReader, ModelConfig, batchnorm_layers, build_model, count_parameters
 from train import distributed
 from train.batches import IGNORE, Batch, BatchMaker, Mixture, TrainingStream, canonical_images, collate
 from train.distributed import Placement
@@ -257,9 +257,8 @@ def training_mode(model: torch.nn.Module, freeze_batchnorm: bool) -> None:
     """model.train(), with its BatchNorm layers left in eval mode (running statistics, not updated) when frozen."""
     model.train()
     if freeze_batchnorm:
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        for layer in batchnorm_layers(model):
+            layer.eval()
 
 
 class MetricLog:
@@ -351,23 +350,19 @@ def finished(checkpoint: Path) -> bool:
 def _model_for(
     cfg: TrainConfig, device: torch.device, init_encoder: str, init_from: str, announce: bool,
 ) -> DigitReader | DigitClassifier:
+    """A fresh model of cfg.model, started from all of init_from's weights and/or init_encoder's encoder."""
     model = build_model(cfg.model).to(device)
-    if init_from:
-        source, _ = load_checkpoint(init_from, device=str(device))
+    for checkpoint, part in ((init_from, "weights"), (init_encoder, "encoder")):
+        if not checkpoint:
+            continue
+        source, _ = load_checkpoint(checkpoint, device=str(device))
+        target, loaded = (model, source) if part == "weights" else (model.encoder, source.encoder)
         try:
-            model.load_state_dict(source.state_dict())
+            target.load_state_dict(loaded.state_dict())
         except RuntimeError as exc:
-            raise CheckpointError(f"{init_from}: its weights do not fit this run's model config ({exc})") from exc
+            raise CheckpointError(f"{checkpoint}: its {part} cannot start this run, whose model config differs ({exc})") from exc
         if announce:
-            print(f"weights initialised from {init_from}")
-    if init_encoder:
-        source, _ = load_checkpoint(init_encoder, device=str(device))
-        try:
-            model.encoder.load_state_dict(source.encoder.state_dict())
-        except RuntimeError as exc:
-            raise CheckpointError(f"{init_encoder}: its encoder does not fit this run's model config ({exc})") from exc
-        if announce:
-            print(f"encoder initialised from {init_encoder}")
+            print(f"{part} initialised from {checkpoint}")
     return model
 
 
