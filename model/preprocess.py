@@ -461,24 +461,21 @@ def skew_angle(mask: np.ndarray) -> float:
     return round(4 * axis) / 4
 
 
-def _digit_height_among_clutter(mask: np.ndarray, labels: np.ndarray, stats: np.ndarray) -> tuple[float, bool]:
-    """`estimate_digit_height` on the pieces of ink that can be digits, not frames: pieces whose box holds
-    the centre of another piece while ink fills under a fifth of it (a cell's border joins every column
-    of its line into one piece as tall as the cell). Falls back to all the ink when nothing is left. The
-    flag says no piece was set aside: the height is `estimate_digit_height(mask)` itself."""
-    boxes = stats[1:, :4].astype(np.float64)  # left, top, width, height
-    centres = boxes[:, :2] + boxes[:, 2:] / 2
-    inside = (
-        (centres[None, :, 0] > boxes[:, None, 0]) & (centres[None, :, 0] < boxes[:, None, 0] + boxes[:, None, 2])
-        & (centres[None, :, 1] > boxes[:, None, 1]) & (centres[None, :, 1] < boxes[:, None, 1] + boxes[:, None, 3])
-    )
-    np.fill_diagonal(inside, False)
-    fill = stats[1:, cv2.CC_STAT_AREA] / np.maximum(boxes[:, 2] * boxes[:, 3], 1)
-    frame = inside.any(1) & (fill < 0.2)
-    if not frame.any():
-        return estimate_digit_height(mask), True
-    digits = np.isin(labels, 1 + np.flatnonzero(~frame))
-    return estimate_digit_height(digits if digits.any() else mask), False
+def _frame_lines(labels: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    """Pixels of the top and bottom sides of frames: pieces of ink at least 1.5 times as wide as tall with
+    two straight strokes across 80% of their width, apart, one in the top quarter and one in the bottom
+    quarter of the piece (a form field or a table cell; digits touching its border join the same piece,
+    and a blurred border is thick, so neither the piece's shape nor how much of its box ink fills tells a
+    frame). Digits run together can hold one such stroke (the bars of a 3 and a 7 in line), not two."""
+    lines = np.zeros(labels.shape, bool)
+    width, height = stats[1:, cv2.CC_STAT_WIDTH], stats[1:, cv2.CC_STAT_HEIGHT]
+    for index in 1 + np.flatnonzero((width >= 1.5 * height) & (height >= 8)):
+        left, top, w, h = (int(v) for v in stats[index, :4])
+        found = _long_lines(labels[top : top + h, left : left + w] == index, math.ceil(0.8 * w), True)
+        bands = _runs(np.asarray(found.any(1)))
+        if len(bands) >= 2 and bands[0][0] < h / 4 and bands[-1][1] > h - h / 4:
+            lines[top : top + h, left : left + w] |= found
+    return lines
 
 
 def _long_lines(mask: np.ndarray, length: int, horizontal: bool) -> np.ndarray:
@@ -491,13 +488,16 @@ def _long_lines(mask: np.ndarray, length: int, horizontal: bool) -> np.ndarray:
     if length < 4:
         return found.astype(bool)
     ink = mask.astype(np.uint8)
+    # A faint rule in a noisy photo is a dotted line in the mask: close the gaps along it first.
+    gap = max(3, length // 25)
+    dotted = cv2.morphologyEx(ink, cv2.MORPH_CLOSE, np.ones((3, gap) if horizontal else (gap, 3), np.uint8))
     run = round(0.6 * length)
     slack = max(5, math.ceil(run * math.tan(math.radians(10)))) | 1  # a line turned by up to 10 degrees passes
     across, along = ((slack, 1), (1, run)) if horizontal else ((1, slack), (run, 1))
-    runs = cv2.morphologyEx(cv2.dilate(ink, np.ones(across, np.uint8)), cv2.MORPH_OPEN, np.ones(along, np.uint8))
+    runs = cv2.morphologyEx(cv2.dilate(dotted, np.ones(across, np.uint8)), cv2.MORPH_OPEN, np.ones(along, np.uint8))
     if not runs.any():
         return found.astype(bool)
-    candidates = np.minimum(runs, ink)  # the transform only looks where such runs are: far fewer pixels
+    candidates = np.minimum(runs, dotted)  # the transform only looks where such runs are: far fewer pixels
     segments = cv2.HoughLinesP(candidates, 1, np.pi / 180, threshold=max(4, int(0.7 * length)), minLineLength=length,
                                maxLineGap=max(2, length // 40))
     steep = math.tan(math.radians(60))
@@ -538,10 +538,11 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     the digit height of the mask returned when it is known, else 0).
 
     Lines spanning most of the image (80% of its side) go first, unless they are all the ink (a single
-    "1" drawn as tall as its canvas is a digit); the digit height is then measured on what is left, and
-    straight strokes longer than 2.5 digit heights (1.8 for vertical ones: no digit stroke is that tall)
-    go too. Where a digit's stroke crosses a removed line, the line's pixels between the stroke's two
-    sides are put back, and the short sides of a frame whose long sides went go too (`_frame_sides`).
+    "1" drawn as tall as its canvas is a digit); the digit height is then measured on what is left less
+    the tops and bottoms of frames (`_frame_lines`), which go, and straight strokes longer than 2.5 digit
+    heights (1.8 for vertical ones: no digit stroke is that tall) go too. Where a digit's stroke crosses
+    a removed line, the line's pixels between the stroke's two sides are put back, and the short sides of
+    a frame whose long sides went go too (`_frame_sides`).
     Marks are groups of small pieces of ink (see below) under half a digit height each way. Nothing is
     taken when it would take all the ink.
     """
@@ -552,8 +553,12 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     if not rest.any():  # all of it: the "lines" are the writing
         return x, mask, (), 0.0
     count, labels, stats, _ = cv2.connectedComponentsWithStats(rest.astype(np.uint8), connectivity=8)
-    digit, all_ink = _digit_height_among_clutter(rest, labels, stats)
-    shorter_across, shorter_down = _long_lines(rest, round(2.5 * digit), True), _long_lines(rest, round(1.8 * digit), False)
+    # Measure the digits without the frames around them: a cell's border is taller than its digits.
+    frames = _frame_lines(labels, stats)
+    all_ink = not frames.any() or not (rest & ~frames).any()
+    digit = estimate_digit_height(rest if all_ink else rest & ~frames)
+    shorter_across = _long_lines(rest, round(2.5 * digit), True) | frames
+    shorter_down = _long_lines(rest, round(1.8 * digit), False)
     if (rest & ~(shorter_across | shorter_down)).any():  # never everything: then the "lines" are the writing
         across |= shorter_across
         down |= shorter_down
@@ -567,6 +572,9 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
         ink = rest.astype(np.uint8)
         rest |= across & (cv2.morphologyEx(ink, cv2.MORPH_CLOSE, bridge) > 0)
         rest |= down & (cv2.morphologyEx(ink, cv2.MORPH_CLOSE, bridge.T) > 0)
+        # Measured again without the lines: a line under the digits joins every column of them into one
+        # piece as tall as the digits and the line together (a cell whose top is a rule across the page).
+        digit = estimate_digit_height(rest) if rest.any() else digit
         rest &= ~_frame_sides(rest, mask & ~rest, digit)
         x = np.where(mask & ~rest, 0.0, x).astype(np.float32)
     # Marks: groups of pieces of ink (boxes within 0.3 of a digit height of each other) smaller than half a

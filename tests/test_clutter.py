@@ -22,6 +22,12 @@ def paper_strip(pools) -> tuple[np.ndarray, list[int]]:
     return 1.0 - ink, sample.digits
 
 
+def ink_box(paper: np.ndarray) -> tuple[int, int, int, int]:
+    """Top, bottom, left and right of the dark ink on paper."""
+    rows, cols = np.flatnonzero((paper < 0.5).any(1)), np.flatnonzero((paper < 0.5).any(0))
+    return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+
+
 def ink_shape(image: np.ndarray) -> tuple[int, int]:
     out = preprocess_array(image, 16.0).image
     return out.shape
@@ -41,6 +47,49 @@ def test_rules_a_cell_border_and_scan_margins_do_not_change_the_model_input(pape
     assert abs(messy.image.shape[1] - clean.image.shape[1]) <= 4
     assert messy.digit_height == pytest.approx(clean.digit_height, rel=0.1)
 
+
+def test_a_thick_blurred_cell_border_goes_and_the_digits_keep_their_scale(paper_strip):
+    """A form field's border drawn thick and blurred, close around the digits: ink fills over a fifth of its
+    box, yet it is a frame, not a digit as tall as itself."""
+    paper, _ = paper_strip
+    top, bottom, left, right = ink_box(paper)
+    framed = paper.copy()
+    cv2.rectangle(framed, (left - 16, top - 14), (right + 16, bottom + 14), 0.1, 9)
+    framed = cv2.GaussianBlur(framed, (5, 5), 1.5)
+    clean, messy = preprocess_array(paper, 16.0), preprocess_array(framed, 16.0)
+    assert "lines" in messy.removed
+    assert messy.digit_height == pytest.approx(clean.digit_height, rel=0.1)
+    assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 3
+    assert abs(messy.image.shape[1] - clean.image.shape[1]) <= 4
+
+
+def test_a_cell_under_a_rule_across_the_page_loses_its_sides(paper_strip):
+    """A table cell whose top is a rule across the whole page: once the rule goes, the cell's bottom joins
+    every column into one piece as tall as the cell, and its sides would be read as 1s."""
+    paper, _ = paper_strip
+    top, bottom, left, right = ink_box(paper)
+    cell = paper.copy()
+    cv2.line(cell, (0, top - 8), (paper.shape[1], top - 8), 0.1, 10)
+    cv2.rectangle(cell, (left - 20, top - 8), (right + 20, bottom + 16), 0.1, 10)
+    cell = cv2.GaussianBlur(cell, (5, 5), 1.5)
+    clean, messy = preprocess_array(paper, 16.0), preprocess_array(cell, 16.0)
+    assert "lines" in messy.removed
+    assert abs(messy.image.shape[1] - clean.image.shape[1]) <= 4  # no side left beside the digits
+    assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 3
+
+
+def test_a_faint_rule_broken_into_dots_by_noise_goes(paper_strip):
+    """A faint rule under the digits in a grainy photo: the ink mask holds about 70% of it, in dots."""
+    paper, _ = paper_strip
+    below = ink_box(paper)[1] + 12
+    ruled = paper.copy()
+    cv2.line(ruled, (0, below), (paper.shape[1], below), 0.55, 3)
+    grain = np.random.default_rng(0).normal(0, 0.2, paper.shape)
+    clean = preprocess_array(np.clip(paper + grain, 0, 1).astype(np.float32), 16.0)
+    messy = preprocess_array(np.clip(ruled + grain, 0, 1).astype(np.float32), 16.0)
+    assert "lines" in messy.removed
+    assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 2
+    assert abs(messy.image.shape[1] - clean.image.shape[1]) <= 4
 
 def test_stray_marks_far_from_the_digits_are_dropped(paper_strip):
     paper, _ = paper_strip
