@@ -11,6 +11,7 @@ from model.preprocess import (
     WORKING_SIDE,
     ImageReadError,
     NoInkError,
+    dark_ink,
     estimate_digit_height,
     load_image,
     preprocess_array,
@@ -51,6 +52,19 @@ def test_dark_ink_on_light_paper_is_inverted_to_the_same_input(strip):
     assert normal.image.shape == inverted.image.shape
     assert np.abs(normal.image - inverted.image).mean() < 0.02
 
+
+
+def test_a_dim_photo_whose_paper_is_mostly_darker_than_mid_grey_is_still_dark_ink(strip):
+    """A lamp's fall-off takes the paper from 0.8 to 0.35 across the page: its median is under 0.5."""
+    paper = _upscale(1.0 - strip, 3.0)
+    light = np.linspace(0.8, 0.35, paper.shape[1], dtype=np.float32)[None, :]
+    dim = paper * light
+    assert np.median(dim) < 0.5
+    assert dark_ink(dim) and dark_ink(paper) and not dark_ink(strip)
+    faint = 0.75 - 0.4 * (1.0 - paper)  # faint grey ink on light paper: its median is near the middle
+    assert dark_ink(faint)
+    out = preprocess_array(dim)
+    assert out.inverted and out.image.shape == preprocess_array(paper).image.shape
 
 def test_uneven_lighting_is_removed(strip):
     paper = _upscale(1.0 - strip, 3.0)
