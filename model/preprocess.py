@@ -476,20 +476,42 @@ def skew_angle(mask: np.ndarray) -> float:
     return round(4 * axis) / 4
 
 
-def _frame_lines(labels: np.ndarray, stats: np.ndarray) -> np.ndarray:
-    """Pixels of the top and bottom sides of frames: pieces of ink at least 1.5 times as wide as tall with
-    two straight strokes across 80% of their width, apart, one in the top quarter and one in the bottom
-    quarter of the piece (a form field or a table cell; digits touching its border join the same piece,
-    and a blurred border is thick, so neither the piece's shape nor how much of its box ink fills tells a
-    frame). Digits run together can hold one such stroke (the bars of a 3 and a 7 in line), not two."""
+def _frame_lines(labels: np.ndarray, stats: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """Pixels of the top and bottom sides of frames (a form field, a table cell): pieces of ink with two
+    straight strokes across 80% of their width, apart, one in the top quarter and one in the bottom
+    quarter of the piece. Digits touching the border join its piece, and a blurred border is thick, so
+    neither the piece's shape nor how much of its box ink fills tells a frame. A piece at least 1.5 times
+    as wide as tall qualifies by its strokes alone: digits run together hold one such stroke (the bars of
+    a 3 and a 7 in line), not two. A shorter frame (three digits) is as wide as a flat 0, so from 1.2
+    times as wide it qualifies if other ink lies inside its box (the digits it holds).
+
+    A side that ran into a rule or a scan margin went with it (`removed`, lines across the page): a piece
+    holding other ink, with one such stroke and its other side lined by removed ink along 80% of its
+    width, is a frame too, and what the rule's removal left of that side (stubs) goes with its stroke."""
     lines = np.zeros(labels.shape, bool)
     width, height = stats[1:, cv2.CC_STAT_WIDTH], stats[1:, cv2.CC_STAT_HEIGHT]
-    for index in 1 + np.flatnonzero((width >= 1.5 * height) & (height >= 8)):
+    for index in 1 + np.flatnonzero((width >= 1.2 * height) & (height >= 8)):
         left, top, w, h = (int(v) for v in stats[index, :4])
-        found = _long_lines(labels[top : top + h, left : left + w] == index, math.ceil(0.8 * w), True)
+        piece = labels[top : top + h, left : left + w] == index
+        found = _long_lines(piece, math.ceil(0.8 * w), True)
         bands = _runs(np.asarray(found.any(1)))
+        if not bands:
+            continue
+        inside = (stats[1:, 0] > left) & (stats[1:, 1] > top) & (stats[1:, 0] + width < left + w) & (stats[1:, 1] + height < top + h)
+        holds_ink = bool(inside.any())
         if len(bands) >= 2 and bands[0][0] < h / 4 and bands[-1][1] > h - h / 4:
-            lines[top : top + h, left : left + w] |= found
+            if w >= 1.5 * h or holds_ink:
+                lines[top : top + h, left : left + w] |= found
+            continue
+        taken_above = top > 0 and removed[max(0, top - 6) : top, left : left + w].any(0).mean() >= 0.8
+        taken_below = removed[top + h : top + h + 6, left : left + w].any(0).mean() >= 0.8 if top + h < len(removed) else False
+        one_side = (bands[0][0] < h / 4 and taken_below) or (bands[-1][1] > h - h / 4 and taken_above)
+        if holds_ink and one_side:
+            edge = math.ceil(h / 8)
+            piece[edge : h - edge] = False
+            piece[:edge] &= taken_above
+            piece[h - edge :] &= taken_below
+            lines[top : top + h, left : left + w] |= found | piece
     return lines
 
 
@@ -569,7 +591,7 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
         return x, mask, (), 0.0
     count, labels, stats, _ = cv2.connectedComponentsWithStats(rest.astype(np.uint8), connectivity=8)
     # Measure the digits without the frames around them: a cell's border is taller than its digits.
-    frames = _frame_lines(labels, stats)
+    frames = _frame_lines(labels, stats, across)
     all_ink = not frames.any() or not (rest & ~frames).any()
     digit = estimate_digit_height(rest if all_ink else rest & ~frames)
     shorter_across = _long_lines(rest, round(2.5 * digit), True) | frames

@@ -91,6 +91,52 @@ def test_a_faint_rule_broken_into_dots_by_noise_goes(paper_strip):
     assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 2
     assert abs(messy.image.shape[1] - clean.image.shape[1]) <= 4
 
+
+@pytest.fixture(scope="module")
+def three_digits(pools) -> np.ndarray:
+    """Three clean test digits as dark ink on white paper, three times MNIST's scale, with room around them."""
+    sample = SequenceSynth(pools["test"], STYLES["clean"], seed=3).sample("strip", 1, min_digits=3, max_digits=3)[0]
+    ink = cv2.resize(sample.image, None, fx=3, fy=3, interpolation=cv2.INTER_LINEAR)
+    return 1.0 - cv2.copyMakeBorder(ink, 80, 80, 60, 60, cv2.BORDER_CONSTANT, value=0)
+
+
+def test_a_field_of_three_digits_goes_though_it_is_barely_wider_than_tall(three_digits):
+    """Its border is under 1.5 times as wide as tall, like a flat 0, but it holds the digits."""
+    top, bottom, left, right = ink_box(three_digits)
+    framed = three_digits.copy()
+    middle, half_height = (top + bottom) // 2, round((right - left + 30) / 1.35 / 2)
+    cv2.rectangle(framed, (left - 15, middle - half_height), (right + 15, middle + half_height), 0.1, 6)
+    clean, messy = preprocess_array(three_digits, 16.0), preprocess_array(framed, 16.0)
+    assert "lines" in messy.removed
+    assert messy.digit_height == pytest.approx(clean.digit_height, rel=0.1)
+    assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 3
+
+
+def test_a_field_whose_bottom_runs_into_a_scan_margin_goes_with_it(three_digits):
+    """The field's bottom side blurs into a dark margin below it: it goes with the margin, leaving a field
+    with one long side and stubs where the other was, which still holds the digits."""
+    top, bottom, left, right = ink_box(three_digits)
+    framed = three_digits.copy()
+    cv2.rectangle(framed, (left - 20, top - 20), (right + 20, bottom + 20), 0.1, 6)
+    framed[bottom + 24 : bottom + 50] = 0.05
+    framed = cv2.GaussianBlur(framed, (7, 7), 2.5)
+    clean, messy = preprocess_array(three_digits, 16.0), preprocess_array(framed, 16.0)
+    assert "lines" in messy.removed
+    assert messy.digit_height == pytest.approx(clean.digit_height, rel=0.1)
+    assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 3
+
+
+def test_a_wide_flat_zero_is_a_digit_not_a_frame():
+    """A thick 0 1.4 times as wide as tall with flat top and bottom holds two straight strokes across its
+    width, like a field of three digits, but nothing inside."""
+    turn = np.linspace(0, 2 * np.pi, 200)
+    x = 75 * np.sign(np.cos(turn)) * np.abs(np.cos(turn)) ** 0.5  # a superellipse: |x/a|^4 + |y/b|^4 = 1
+    y = 55 * np.sign(np.sin(turn)) * np.abs(np.sin(turn)) ** 0.5
+    paper = np.ones((220, 280), np.float32)
+    cv2.polylines(paper, [np.stack([140 + x, 110 + y], 1).round().astype(np.int32)], True, 0.0, 18, cv2.LINE_AA)
+    out = preprocess_array(paper, 16.0)
+    assert out.removed == () and out.digit_height > 100
+
 def test_stray_marks_far_from_the_digits_are_dropped(paper_strip):
     paper, _ = paper_strip
     marked = paper.copy()
