@@ -493,7 +493,8 @@ def _frame_lines(labels: np.ndarray, stats: np.ndarray, removed: np.ndarray) -> 
     for index in 1 + np.flatnonzero((width >= 1.2 * height) & (height >= 8)):
         left, top, w, h = (int(v) for v in stats[index, :4])
         piece = labels[top : top + h, left : left + w] == index
-        found = _long_lines(piece, math.ceil(0.8 * w), True)
+        # Within one piece a wider step over breaks is safe: a field's thick, slightly turned side needs it.
+        found = _long_lines(piece, math.ceil(0.8 * w), True, max_gap=4)
         bands = _runs(np.asarray(found.any(1)))
         if not bands:
             continue
@@ -515,12 +516,14 @@ def _frame_lines(labels: np.ndarray, stats: np.ndarray, removed: np.ndarray) -> 
     return lines
 
 
-def _long_lines(mask: np.ndarray, length: int, horizontal: bool) -> np.ndarray:
+def _long_lines(mask: np.ndarray, length: int, horizontal: bool, max_gap: int | None = None) -> np.ndarray:
     """Pixels of straight ink strokes at least `length` long and within 30 degrees of horizontal (or of
     vertical): rules, table and cell borders, a scan's dark margin. A probabilistic Hough transform finds
     them, so a rule that a turned or tilted page slants is found too; a morphological opening first checks
     that some ink runs 60% of that length within 10 degrees of that direction, which most images fail,
-    for a fraction of the Hough transform's cost, and the transform then looks at that ink alone."""
+    for a fraction of the Hough transform's cost, and the transform then looks at that ink alone.
+    `max_gap` is the longest break the transform steps over along a stroke (length / 40, at least 2, unless
+    given): a thick stroke slanted between its one-degree steps leaves such breaks along the step's line."""
     found = np.zeros(mask.shape, np.uint8)
     if length < 4:
         return found.astype(bool)
@@ -536,7 +539,7 @@ def _long_lines(mask: np.ndarray, length: int, horizontal: bool) -> np.ndarray:
         return found.astype(bool)
     candidates = np.minimum(runs, dotted)  # the transform only looks where such runs are: far fewer pixels
     segments = cv2.HoughLinesP(candidates, 1, np.pi / 180, threshold=max(4, int(0.7 * length)), minLineLength=length,
-                               maxLineGap=max(2, length // 40))
+                               maxLineGap=max(2, length // 40) if max_gap is None else max_gap)
     steep = math.tan(math.radians(60))
     for x0, y0, x1, y1 in [] if segments is None else segments.reshape(-1, 4).astype(int).tolist():
         if (abs(x1 - x0) > abs(y1 - y0) * steep) == horizontal:
