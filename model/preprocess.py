@@ -583,7 +583,8 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     heights (1.8 for vertical ones: no digit stroke is that tall) go too. Where a digit's stroke crosses
     a removed line, the line's pixels between the stroke's two sides are put back, and the short sides of
     a frame whose long sides went go too (`_frame_sides`).
-    Marks are groups of small pieces of ink (see below) under half a digit height each way. Nothing is
+    Marks are groups of small pieces of ink (see below) under half a digit height each way, or chains of them
+    longer than 1.3 digit heights and under 0.3 across (what the ink mask keeps of a faint rule). Nothing is
     taken when it would take all the ink.
     """
     x0, (h, w) = x, mask.shape
@@ -641,7 +642,10 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
                 members = group == g
                 extent_x = (left + width)[members].max() - left[members].min()
                 extent_y = (top + height)[members].max() - top[members].min()
-                far |= members & small[members].all() & (extent_x < 0.5 * digit) & (extent_y < 0.5 * digit)
+                mark = extent_x < 0.5 * digit and extent_y < 0.5 * digit
+                # What is left of a faint rule: a chain of specks longer than any digit and thinner than its strokes' spread.
+                remnant = min(extent_x, extent_y) < 0.3 * digit and max(extent_x, extent_y) >= 1.3 * digit
+                far |= members & small[members].all() & (mark or remnant)
             if far.any():
                 removed.append("marks")
                 marks = np.isin(labels, 1 + np.flatnonzero(far))

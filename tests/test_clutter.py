@@ -148,6 +148,18 @@ def test_stray_marks_far_from_the_digits_are_dropped(paper_strip):
     assert out.image.shape == preprocess_array(paper, 16.0).image.shape
 
 
+def test_what_is_left_of_a_faint_rule_above_the_digits_goes(paper_strip):
+    """A chain of specks longer than a digit and thin as a stroke, such as the mask leaves of a faint rule."""
+    paper, _ = paper_strip
+    top, _, left, _ = ink_box(paper)
+    clean = preprocess_array(paper, 16.0)
+    specks = paper.copy()
+    for x in range(left, left + round(1.6 * clean.digit_height), 10):
+        cv2.circle(specks, (x, top - 25), 2, 0.1, -1)
+    out = preprocess_array(specks, 16.0)
+    assert "marks" in out.removed
+    assert out.image.shape == clean.image.shape
+
 def test_a_lone_tall_one_is_a_digit_not_a_line():
     canvas = np.zeros((200, 120), np.float32)
     cv2.line(canvas, (60, 8), (62, 192), 1.0, 12)
