@@ -553,15 +553,19 @@ def _long_lines(mask: np.ndarray, length: int, horizontal: bool, max_gap: int | 
 
 def _frame_sides(rest: np.ndarray, lines: np.ndarray, digit: float) -> np.ndarray:
     """The pieces of `rest` that are the short sides of a frame whose long sides were removed as `lines`:
-    thin pieces at least 0.8 digit heights long that touch removed lines at both ends (a cell's side
-    runs from its top border to its bottom one; a "1" standing on a rule touches it at one end only)."""
+    thin pieces (under 0.4 digit heights across, or under 0.6 and a fifth of one thick) at least 0.8 digit
+    heights long that touch removed lines at both ends, within an eighth of a digit (a cell's side runs from
+    its top border to its bottom one; a "1" standing on a rule touches it at one end only)."""
     count, labels, stats, _ = cv2.connectedComponentsWithStats(rest.astype(np.uint8), connectivity=8)
-    near_lines = cv2.dilate(lines.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    # Within an eighth of a digit, not 2 px: a Hough segment can stop a few pixels short of a thin side's corner.
+    reach = max(5, round(digit / 8) | 1)
+    near_lines = cv2.dilate(lines.astype(np.uint8), np.ones((reach, reach), np.uint8)) > 0
     sides = np.zeros_like(rest)
     for index in range(1, count):
         left, top, width, height = stats[index, :4]
         for long, short, vertical in ((height, width, True), (width, height, False)):
-            if long < 0.8 * digit or short > 0.4 * digit:
+            # Thin: narrow, or (a side slanted by a turned page) a stroke a fifth of a digit thick across.
+            if long < 0.8 * digit or short > 0.6 * digit or (short > 0.4 * digit and stats[index, cv2.CC_STAT_AREA] > 0.2 * digit * long):
                 continue
             piece = labels[top : top + height, left : left + width] == index
             touching = piece & near_lines[top : top + height, left : left + width]

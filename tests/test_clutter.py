@@ -126,6 +126,42 @@ def test_a_field_whose_bottom_runs_into_a_scan_margin_goes_with_it(three_digits)
     assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 3
 
 
+def test_a_thin_field_broken_at_a_corner_over_a_rule_goes(paper_strip):
+    """A thin field's top and sides, its bottom lost in a rule across the page and its right side broken off
+    the top: no piece is a frame, and the top joins the digits' columns into one piece as tall as the field,
+    so the digits must be measured without it for the top (and then the sides) to go."""
+    paper, _ = paper_strip
+    top, bottom, left, right = ink_box(paper)
+    field = paper.copy()
+    box_top, box_bottom, box_left, box_right = top - 40, bottom + 20, left - 25, right + 25
+    cv2.line(field, (box_left, box_top), (box_right - 2, box_top), 0.1, 2)
+    cv2.line(field, (box_left, box_top), (box_left, box_bottom), 0.1, 2)
+    cv2.line(field, (box_right, box_top + 4), (box_right, box_bottom), 0.1, 2)
+    cv2.line(field, (0, box_bottom + 6), (paper.shape[1], box_bottom + 6), 0.1, 12)
+    field = cv2.GaussianBlur(field, (5, 5), 1.5)
+    clean, messy = preprocess_array(paper, 16.0), preprocess_array(field, 16.0)
+    assert "lines" in messy.removed
+    assert messy.digit_height == pytest.approx(clean.digit_height, rel=0.1)
+    assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 3
+    assert abs(messy.image.shape[1] - clean.image.shape[1]) <= 4
+
+
+def test_a_field_seen_at_a_slant_loses_its_slanted_sides(paper_strip):
+    """A phone's view turns a field's sides by 20 degrees: each side's box is then wider than a straight
+    stroke's, but the stroke is as thin, and it goes once the top and bottom have gone."""
+    paper, _ = paper_strip
+    top, bottom, left, right = ink_box(paper)
+    field = paper.copy()
+    box_top, box_bottom = top - 15, bottom + 15
+    lean = round(0.36 * (box_bottom - box_top))  # tan(20 degrees)
+    corners = [(left - 30 + lean, box_top), (right + 10 + lean, box_top), (right + 10, box_bottom), (left - 30, box_bottom)]
+    cv2.polylines(field, [np.array(corners, np.int32)], True, 0.1, 3)
+    clean, messy = preprocess_array(paper, 16.0), preprocess_array(field, 16.0)
+    assert "lines" in messy.removed
+    assert abs(messy.image.shape[1] - clean.image.shape[1]) <= 4
+    assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 3
+
+
 def test_a_wide_flat_zero_is_a_digit_not_a_frame():
     """A thick 0 1.4 times as wide as tall with flat top and bottom holds two straight strokes across its
     width, like a field of three digits, but nothing inside."""
