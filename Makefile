@@ -35,8 +35,7 @@ eval: setup
 	$(PY) -m train.evaluate --suites all --n 2000 --beam 4 --beam-n 300 --out docs/eval
 
 train: setup
-	$(PY) -m train --preset default --out runs/default
-	$(PY) -m train --preset finetune --out runs/finetune
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m train --preset default --out runs/default
 
 race: setup
 	$(PY) -m train --preset race --out runs/race

@@ -32,7 +32,7 @@ from data.mnist import load_pools
 from model.checkpoint import load_checkpoint
 from model.decoding import greedy_decode
 from model.network import DigitReader, count_parameters
-from train.batches import Batch, BatchMaker
+from train.batches import Batch
 from train.distributed import Placement
 from train.loop import PRESETS, TrainConfig, allow_tf32, learning_rate, make_optimizer, mixed_precision, pick_device, training_step
 
@@ -68,7 +68,7 @@ def timed(device: torch.device, repeat: int, work: Callable[[int], None]) -> flo
 def make_batches(cfg: TrainConfig, plan: Plan, data_root: str | None) -> tuple[list[list[Batch]], float]:
     """Batches from the full training mixture (past the length ramp) and the synthesis rate."""
     pool = load_pools(data_root, splits=("train",))["train"]
-    maker = BatchMaker(pool, cfg.mixture(), cfg.model, plan.batch, cfg.seed, cfg.ramp_steps, groups=cfg.groups, bank_size=cfg.bank_size)
+    maker = cfg.batch_maker(pool, batch_size=plan.batch)
     maker(cfg.ramp_steps)  # the first call warps the digit bank
     began = time.perf_counter()
     batches = [maker(cfg.ramp_steps + k) for k in range(plan.distinct_batches)]

@@ -29,7 +29,7 @@ from benchmarks.decoding import matmul_flops_per_s
 from data.mnist import DATA_ROOT_ENV, DigitPool, load_pools
 from data.synth import LAYOUTS
 from model.network import build_model, count_parameters
-from train.batches import Batch, BatchMaker
+from train.batches import Batch
 from train.distributed import Placement
 from train.loop import PRESETS, TrainConfig, apply_overrides, learning_rate, loss_on, make_optimizer, mixed_precision, training_step
 
@@ -43,10 +43,7 @@ def synthesis(pool: DigitPool, cfg: TrainConfig, steps: int) -> tuple[float, lis
     steady-state proportion (one per cfg.bank_steps steps and style).
     """
     torch.set_num_threads(1)
-    maker = BatchMaker(
-        pool, cfg.mixture(), cfg.model, cfg.batch_size, cfg.seed, cfg.ramp_steps, groups=cfg.groups,
-        bank_size=cfg.bank_size, bank_steps=cfg.bank_steps,
-    )
+    maker = cfg.batch_maker(pool)
     first = cfg.ramp_steps - cfg.ramp_steps % cfg.bank_steps + cfg.bank_steps  # a bank boundary past the ramp
     began = time.perf_counter()
     made = [maker(first + k) for k in range(steps)]

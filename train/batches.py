@@ -130,6 +130,10 @@ class BatchMaker:
     A step is `groups` micro-batches, each of its own layout and style (drawn from
     the mixture), so one optimiser step sees several kinds of image while each
     micro-batch, padded to its own largest image, wastes little work on padding.
+    With splits > 1 each group's images, sorted by width, are cut into that many
+    micro-batches: a group of scattered pairs or multi-line images ranges from one
+    digit's box to the whole canvas, and padding all of them to the largest costs
+    more than the images themselves (docs/TRAINING.md, "Padding").
     The kinds are drawn from (seed, step) alone, so every rank of a distributed
     run trains on the same kinds; the digits and augmentations come from a
     generator of the rank's own. Digits come from one DigitBank per style, rebuilt
@@ -140,7 +144,7 @@ class BatchMaker:
 
     def __init__(
         self, pool: DigitPool, mixture: Mixture, model: ModelConfig, batch_size: int, seed: int, ramp_steps: int = 0,
-        rank: int = 0, world_size: int = 1, groups: int = 1, bank_size: int = 2048, bank_steps: int = 64,
+        rank: int = 0, world_size: int = 1, groups: int = 1, bank_size: int = 2048, bank_steps: int = 64, splits: int = 1,
     ):
         if batch_size % (groups * world_size):
             raise ValueError(
@@ -148,7 +152,13 @@ class BatchMaker:
                 f"choose a multiple of {groups * world_size} (--set batch_size=...), or other group or process counts"
             )
         self.pool, self.mixture, self.batch_size, self.seed, self.ramp_steps = pool, mixture, batch_size, seed, ramp_steps
+        if splits < 1 or batch_size // (groups * world_size) < splits:
+            raise ValueError(
+                f"cannot cut groups of {batch_size // (groups * world_size)} images into {splits} micro-batches; "
+                "choose splits between 1 and the group size (--set splits=...)"
+            )
         self.rank, self.world_size, self.groups, self.bank_steps = rank, world_size, groups, bank_steps
+        self.splits = splits
         self.digit_height = model.digit_height
         self.max_size = model.max_size
         # A classifier reads one digit per image: each goes into a fixed square (`in_square`).
@@ -176,11 +186,13 @@ class BatchMaker:
         return groups
 
     def __call__(self, step: int) -> list[Batch]:
-        """This rank's share of step `step`: one Batch per group."""
+        """This rank's share of step `step`: `splits` Batches per group."""
         batches = []
         for group in self.samples(step):
             images = [in_square(s.image, self.square) if self.square else s.image for s in group]
-            batches.append(collate(images, [s.digits for s in group], group[0].layout))
+            order = sorted(range(len(group)), key=lambda i: (images[i].shape[1], images[i].shape[0]))
+            for part in np.array_split(np.array(order), self.splits):
+                batches.append(collate([images[i] for i in part], [group[i].digits for i in part], group[0].layout))
         return batches
 
 

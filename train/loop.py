@@ -39,7 +39,8 @@ class TrainConfig:
     max_digits: int = 16  # longest training strip; multi-line images hold up to model.max_digits
     ramp_steps: int = 1000  # steps over which sequence lengths grow to the full mixture's (train.batches.Mixture.at)
     batch_size: int = 64
-    groups: int = 4  # micro-batches per step, each of one layout and style (train.batches.BatchMaker)
+    groups: int = 4  # groups per step, each of one layout and style (train.batches.BatchMaker)
+    splits: int = 1  # micro-batches per group, its images sorted by width so that each is padded less
     steps: int = 7000  # the run's length; with time_budget_s, only an upper bound
     time_budget_s: float = 0.0  # > 0: the run ends after this many seconds, and the schedule follows the clock
     pretrain_s: float = 0.0  # > 0: first train the encoder as a classifier for this long (part of the budget)
@@ -70,6 +71,13 @@ class TrainConfig:
 
     def mixture(self) -> Mixture:
         return Mixture(self.layouts, self.styles, max_digits=self.max_digits, max_total=self.model.max_digits)
+
+    def batch_maker(self, pool: DigitPool, rank: int = 0, world_size: int = 1, batch_size: int = 0) -> BatchMaker:
+        """The stream of training batches this config describes (batch_size > 0 overrides the config's)."""
+        return BatchMaker(
+            pool, self.mixture(), self.model, batch_size or self.batch_size, self.seed, self.ramp_steps, rank,
+            world_size, self.groups, self.bank_size, self.bank_steps, self.splits,
+        )
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -109,13 +117,18 @@ PRESETS: dict[str, TrainConfig] = {
     # The shipped checkpoint: the race's recipe on the full mixture, given 7,000 s (117 minutes), 10 of them pretraining.
     # 9% of its images are photos of paper with more on it than digits (rules, cells, a phone's view: data.synth);
     # each costs 4-10 ms of synthesis and preprocessing against 0.2-0.6 ms for the others, hence no more.
+    # Like the race, its reader trains with the stem's BatchNorm frozen at the classifier stage's statistics: a
+    # micro-batch is one layout, and normalising each by its own statistics taught scattered pairs a normalisation
+    # that reading, with the running average, does not give them (docs/TRAINING.md). `make train` runs it as two
+    # one-thread processes (torchrun) with each group cut in two by width: 29% more steps than one two-thread
+    # process in the same time (docs/TRAINING.md, "Padding, and two processes").
     "default": TrainConfig(
-        model=RACE_MODEL, styles=DEFAULT_STYLES,
+        model=RACE_MODEL, styles=DEFAULT_STYLES, freeze_batchnorm=True, splits=2,
         steps=10**6, time_budget_s=7000, pretrain_s=600, lr=1.5e-3, warmup_steps=200, ramp_steps=1000, eval_every=2000,
         save_every=500,
     ),
-    # The shipped checkpoint's second stage: the default run's weights, 1,500 s more on its mixture with the
-    # stem's BatchNorm frozen, so that the model trains on the statistics it reads with (freeze_batchnorm).
+    # A trained reader's weights, 1,500 s more on the default mixture with the stem's BatchNorm frozen, so that it
+    # trains on the statistics it reads with: checkpoint v3 was a default run trained with batch statistics, then this.
     "finetune": TrainConfig(
         model=RACE_MODEL, styles=DEFAULT_STYLES, init_from="runs/default/last.safetensors", freeze_batchnorm=True,
         steps=10**6, time_budget_s=1500, lr=3e-4, warmup_steps=50, ramp_steps=0, eval_every=500, save_every=250,
@@ -414,10 +427,7 @@ class _Stage:
     def batches(self) -> torch.utils.data.DataLoader:
         """The rank's micro-batches of every step from start_step on (train.batches.BatchMaker)."""
         cfg, place = self.cfg, self.place
-        maker = BatchMaker(
-            self.pools["train"], cfg.mixture(), cfg.model, cfg.batch_size, cfg.seed, cfg.ramp_steps, place.rank,
-            place.world_size, cfg.groups, cfg.bank_size, cfg.bank_steps,
-        )
+        maker = cfg.batch_maker(self.pools["train"], place.rank, place.world_size)
         return torch.utils.data.DataLoader(
             TrainingStream(maker, self.start_step, cfg.steps), batch_size=None, num_workers=cfg.loader_workers,
             prefetch_factor=4 if cfg.loader_workers else None,
