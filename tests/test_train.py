@@ -10,7 +10,7 @@ from model.checkpoint import load_checkpoint
 from model.decoding import greedy_decode
 from model.network import DigitReader
 from tests.conftest import TINY
-from train.batches import BatchMaker, TrainingStream
+from train.batches import IGNORE, BatchMaker, TrainingStream
 from train.loop import PRESETS, learning_rate, loss_on, train
 
 
@@ -98,3 +98,25 @@ def test_a_fine_tune_starts_from_the_weights_and_trains_on_frozen_batchnorm_stat
     train(replace(tuned_cfg, freeze_batchnorm=False), tmp_path / "free")
     free = load_checkpoint(tmp_path / "free" / "last.safetensors")[0].state_dict()
     assert not all(torch.equal(before[name], free[name]) for name in statistics)
+
+
+def test_groups_cut_by_width_pad_less_and_train_on_the_same_loss(pools):
+    """splits=2 cuts each group of a step, sorted by width, into two micro-batches: the same samples, less
+    padding, and (the masks hiding the padding) the same token-weighted loss as the whole group."""
+    torch.manual_seed(0)
+    cfg = replace(PRESETS["tiny"], layouts={"scatter": 1.0}, label_smoothing=0.0)
+    whole_maker, cut_maker = (
+        BatchMaker(pools["train"], cfg.mixture(), cfg.model, 8, seed=0, bank_size=64, splits=splits) for splits in (1, 2)
+    )
+    (whole,), parts = whole_maker(3), cut_maker(3)
+    assert len(parts) == 2
+    assert sorted(d for p in parts for d in p.digits) == sorted(whole.digits)
+    widths = [p.pixel_mask.any(1).sum(1) for p in parts]
+    assert widths[0].max() <= widths[1].min()
+    assert sum(p.pixel_mask[0].numel() * len(p.digits) for p in parts) < whole.pixel_mask.numel()
+    model = DigitReader(cfg.model).eval()
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        tokens = [float((p.targets != IGNORE).sum()) for p in parts]
+        cut_loss = sum(loss_on(model, p, cfg, cpu) * n for p, n in zip(parts, tokens)) / sum(tokens)
+        assert torch.allclose(cut_loss, loss_on(model, whole, cfg, cpu), atol=1e-5)
