@@ -38,7 +38,7 @@ train: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m train --preset default --out runs/default
 
 race: setup
-	$(PY) -m train --preset race --out runs/race
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m train --preset race --out runs/race
 
 calibrate: setup
 	$(PY) -m train.calibrate --checkpoint checkpoints/digit-reader.safetensors --n 300
