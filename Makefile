@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Training on this 2-core CPU: two one-thread processes take more steps than one two-thread process (docs/TRAINING.md).
+TRAIN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m train
 DATA ?= $(or $(DIGIT_READER_DATA),data)
 export DIGIT_READER_DATA := $(DATA)
 
@@ -35,10 +37,10 @@ eval: setup
 	$(PY) -m train.evaluate --suites all --n 2000 --beam 4 --beam-n 300 --out docs/eval
 
 train: setup
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m train --preset default --out runs/default
+	$(TRAIN) --preset default --out runs/default
 
 race: setup
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m train --preset race --out runs/race
+	$(TRAIN) --preset race --out runs/race
 
 calibrate: setup
 	$(PY) -m train.calibrate --checkpoint checkpoints/digit-reader.safetensors --n 300
