@@ -120,3 +120,22 @@ def test_groups_cut_by_width_pad_less_and_train_on_the_same_loss(pools):
         tokens = [float((p.targets != IGNORE).sum()) for p in parts]
         cut_loss = torch.stack([loss_on(model, p, cfg, cpu) * n for p, n in zip(parts, tokens)]).sum() / sum(tokens)
         assert torch.allclose(cut_loss, loss_on(model, whole, cfg, cpu), atol=1e-5)
+
+
+def test_classifier_batches_keep_digits_too_wide_for_the_square_at_their_own_size(pools):
+    """The classifier stage's digits go into 24x24 squares, except those larger than the square: they are
+    batched apart at the size preprocessing gave them, as reading meets them, never shrunk to fit."""
+    cfg = PRESETS["classifier"]
+    maker = BatchMaker(pools["train"], cfg.mixture(), cfg.model, 128, seed=0, bank_size=256)
+    samples = maker.samples(0)[0]
+    batches = maker(0)
+    side = round(cfg.model.digit_height) + 8
+    sizes = [s.image.shape for s in samples]
+    too_large = [size for size in sizes if max(size) > side]
+    assert too_large, "a batch of 128 digits holds wide ones (one in ten)"
+    assert len(batches) == 2
+    square, larger = batches
+    assert square.images.shape[2:] == (side, side) and len(square.digits) == len(sizes) - len(too_large)
+    # Each larger digit at its own size: its mask covers exactly the preprocessed image.
+    assert sorted(tuple(int(v) for v in m.nonzero().max(0).values + 1) for m in larger.pixel_mask) == sorted(too_large)
+    assert sorted(d for b in batches for d in b.digits) == sorted(s.digits for s in samples)

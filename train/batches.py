@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import cv2
 import numpy as np
 import torch
 
@@ -62,23 +61,36 @@ def canonical_images(samples: list[Sample], model: ModelConfig) -> list[np.ndarr
 
 
 def in_square(image: np.ndarray, side: int) -> np.ndarray:
-    """A canonical image in the top left corner of a side x side square (where `batch_images` puts every
-    image), shrunk first (aspect kept) if it is larger.
+    """A canonical image in the top left corner of a side x side square, where `batch_images` puts every image.
 
-    The classifier stage's batches: a single preprocessed digit is side = digit_height + 2 * MARGIN
-    tall, so nearly all fit unchanged, and every image costs the same few tokens instead of its
-    batch's widest digit's (a batch of 128 padded to its largest image held 15 to 30 tokens, not 9).
-    Centring them instead cost 2.5 points of MNIST test accuracy: the encoder's position embeddings
-    then learn a place that evaluation, padding at the right, does not use.
+    A single preprocessed digit is side = digit_height + 2 * MARGIN tall, so nine in ten fit, and
+    a batch of them costs the same few tokens a digit instead of its widest digit's (a batch of 128
+    padded to its largest image held 15 to 30 tokens, not 9). Centring them instead cost 2.5 points
+    of MNIST test accuracy: the encoder's position embeddings then learn a place that evaluation,
+    padding at the right, does not use. An image that does not fit is the caller's to batch apart.
     """
-    height, width = image.shape
-    if height > side or width > side:
-        fit = side / max(height, width)
-        height, width = max(1, min(side, round(height * fit))), max(1, min(side, round(width * fit)))
-        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
     out = np.zeros((side, side), dtype=np.float32)
-    out[:height, :width] = image
+    out[: image.shape[0], : image.shape[1]] = image
     return out
+
+
+def classifier_batches(images: list[np.ndarray], digits: list[list[int]], layout: str, side: int) -> list[Batch]:
+    """The classifier stage's micro-batches of one group: the digits that fit a side x side square, each in
+    its square (`in_square`), and those that do not, as they are, padded to the largest of them.
+
+    A digit wider than the square (a broad 0 or 2, one in ten) is read at its own size, wider than
+    the square: shrinking it to fit trained the classifier on wide digits smaller than any it then
+    read, and it misread them five times as often as the others (docs/TRAINING.md).
+    """
+    fits = [max(image.shape) <= side for image in images]
+    square = [i for i, fit in enumerate(fits) if fit]
+    larger = sorted((i for i, fit in enumerate(fits) if not fit), key=lambda i: images[i].shape)
+    batches = []
+    if square:
+        batches.append(collate([in_square(images[i], side) for i in square], [digits[i] for i in square], layout))
+    if larger:
+        batches.append(collate([images[i] for i in larger], [digits[i] for i in larger], layout))
+    return batches
 
 
 def collate(images: list[np.ndarray], digits: list[list[int]], layout: str) -> Batch:
@@ -161,7 +173,7 @@ class BatchMaker:
         self.splits = splits
         self.digit_height = model.digit_height
         self.max_size = model.max_size
-        # A classifier reads one digit per image: each goes into a fixed square (`in_square`).
+        # A classifier reads one digit per image: nearly all go into a fixed square (`classifier_batches`).
         self.square = round(model.digit_height) + 2 * MARGIN if model.kind == "classifier" else 0
         unit = model.digit_height / MNIST_DIGIT_HEIGHT
         self.banks = {
@@ -186,10 +198,13 @@ class BatchMaker:
         return groups
 
     def __call__(self, step: int) -> list[Batch]:
-        """This rank's share of step `step`: `splits` Batches per group."""
+        """This rank's share of step `step`: `splits` Batches per group (a classifier's: one or two, `classifier_batches`)."""
         batches = []
         for group in self.samples(step):
-            images = [in_square(s.image, self.square) if self.square else s.image for s in group]
+            images = [s.image for s in group]
+            if self.square:
+                batches += classifier_batches(images, [s.digits for s in group], group[0].layout, self.square)
+                continue
             order = sorted(range(len(group)), key=lambda i: (images[i].shape[1], images[i].shape[0]))
             for part in np.array_split(np.array(order), self.splits):
                 batches.append(collate([images[i] for i in part], [group[i].digits for i in part], group[0].layout))
