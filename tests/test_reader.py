@@ -45,6 +45,26 @@ def test_json_lines_and_per_file_errors(tmp_path, pools, tiny_reader, capsys):
     assert [line.split("\t")[0] for line in plain] == paths
 
 
+def test_files_read_by_several_processes_read_as_by_one(tmp_path, pools, tiny_reader, capsys):
+    """--workers splits the files over forked processes: the same records, errors included, in the same order."""
+    checkpoint = save_checkpoint(tmp_path / "tiny", tiny_reader)
+    paths = []
+    for i, sample in enumerate(SequenceSynth(pools["test"], STYLES["train"], seed=5).sample("strip", 7)):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        Image.fromarray((sample.image * 255).astype(np.uint8)).save(paths[-1])
+    paths.insert(3, str(tmp_path / "missing.png"))
+    outputs = []
+    for workers in ("1", "3"):
+        assert main([*paths, "--checkpoint", str(checkpoint), "--json", "--beam", "2", "--workers", workers]) == 1
+        outputs.append([json.loads(line) for line in capsys.readouterr().out.strip().splitlines()])
+    assert [r["path"] for r in outputs[1]] == paths
+    assert "does not exist" in outputs[1][3]["error"]
+    for one, several in zip(*outputs):
+        assert one.keys() == several.keys() and one.get("error") == several.get("error")
+        assert one.get("digits") == several.get("digits")
+        assert one.get("confidence", 0) == pytest.approx(several.get("confidence", 0), abs=1e-4)  # batched apart: float noise
+
+
 def test_the_reader_preprocesses_at_its_checkpoints_digit_height(tmp_path, pools):
     """A checkpoint trained at another digit height gets its inputs at that height, not the default."""
     from dataclasses import replace
