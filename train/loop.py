@@ -100,8 +100,8 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     # The encoder alone, with a class head, on single digits: 10 minutes of this CPU. Mostly digits changed in shape
     # only: with 40% clean, 40% the training style and 20% drawn it read 98.91% of MNIST test (docs/TRAINING.md).
-    # Synthesis takes as long as a two-thread step here, so one worker makes the batches while the step
-    # runs on the other core (24% more digits in the same time, docs/TRAINING.md).
+    # A worker makes the batches while the step runs on the other core: 4% more steps in its 10 minutes than
+    # two threads on the step with synthesis between steps (docs/TRAINING.md, "Wide digits at their own size").
     "classifier": TrainConfig(
         model=replace(RACE_MODEL, kind="classifier"), layouts={"single": 1.0}, styles={"shapes": 0.6, "train": 0.25, "drawn": 0.15},
         ramp_steps=0, batch_size=128, groups=1, steps=10**6, time_budget_s=600, lr=2e-3, warmup_steps=100,
