@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument("--files", type=int, default=2000, help="2x2-grid PNG files for the CLI (default 2000)")
     parser.add_argument("--repeats", type=int, default=3, help="CLI passes over the files; the best is reported")
+    parser.add_argument("--batch-size", type=int, default=0, help="the CLI's --batch-size (default: the CLI's own default)")
     parser.add_argument("--latency-samples", type=int, default=100)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     parser.add_argument("--data-root", default=None)
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             path = Path(tmp) / f"grid-{i:05d}.png"
             Image.fromarray((np.clip(sample.image, 0, 1) * 255).astype(np.uint8)).save(path)
             paths.append(str(path))
-        cli = [*paths, "--checkpoint", args.checkpoint]
+        cli = [*paths, "--checkpoint", args.checkpoint, *(["--batch-size", str(args.batch_size)] if args.batch_size else [])]
         best = float("inf")
         for _ in range(args.repeats):
             with contextlib.redirect_stdout(io.StringIO()):
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         began = time.perf_counter()
         SequenceReader(args.checkpoint)
         loading = time.perf_counter() - began
-        print(f"CLI on {len(paths)} 2x2-grid PNG files (default batch size): {len(paths) / best:,.0f} images/s "
+        print(f"CLI on {len(paths)} 2x2-grid PNG files (batch size {args.batch_size or 'default'}): {len(paths) / best:,.0f} images/s "
               f"({best:.2f} s per call, of which {loading:.2f} s loading the checkpoint; "
               f"{len(paths) / (best - loading):,.0f} images/s without it)")
         decoded = [load_image(p) for p in paths]
