@@ -72,6 +72,18 @@ def test_a_budgeted_run_pretrains_the_encoder_then_reads_within_its_budget(tmp_p
     assert load_checkpoint(tmp_path / "run" / "encoder" / "last.safetensors")[1]["training"]["step"] == encoder["step"]
 
 
+def test_the_reader_stage_records_the_commit_its_run_started_from(tmp_path, monkeypatch):
+    """A run with a classifier stage is one run: its reader records the commit checked out when the run
+    began (the encoder stage's), even when another is checked out by the time the reader starts."""
+    commits = iter(["commit-at-start", "commit-later", "commit-later"])
+    monkeypatch.setattr("train.loop.git_commit", lambda: next(commits))
+    cfg = replace(PRESETS["tiny"], steps=6, pretrain_s=2.0, eval_every=10**6, save_every=10**6)
+    train(cfg, tmp_path / "run")
+    encoder = load_checkpoint(tmp_path / "run" / "encoder" / "last.safetensors")[1]["training"]
+    reader = load_checkpoint(tmp_path / "run" / "last.safetensors")[1]["training"]
+    assert encoder["started_at_commit"] == reader["started_at_commit"] == "commit-at-start"
+
+
 def test_a_budgeted_schedule_follows_the_clock():
     cfg = replace(PRESETS["race"], lr=1e-3, min_lr_ratio=0.05, warmup_steps=10)
     assert learning_rate(cfg, 0, elapsed_s=0.0, budget_s=100.0) == 1e-3 / 10  # warm-up counts steps

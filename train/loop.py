@@ -344,7 +344,7 @@ def train(
     with distributed.session(pick_device(cfg.device)) as place:
         if on_validation is not None and place.distributed:
             raise ValueError("on_validation can end a run only in a single process: under torchrun rank 0 alone validates")
-        init_encoder, budget = cfg.init_encoder, cfg.time_budget_s
+        init_encoder, budget, started_at_commit = cfg.init_encoder, cfg.time_budget_s, ""
         if cfg.pretrain_s > 0:
             if cfg.time_budget_s and cfg.pretrain_s >= cfg.time_budget_s:
                 raise ValueError(f"pretrain_s={cfg.pretrain_s} leaves nothing of time_budget_s={cfg.time_budget_s} for the reader")
@@ -354,9 +354,14 @@ def train(
                 _train(pretraining_config(cfg), stage_dir, place, data_root, resume and encoder.exists(), None, cfg.pretrain_s, "")
             distributed.barrier(place)
             init_encoder = str(encoder)
+            stage = read_meta(encoder)["training"]
+            started_at_commit = stage.get("started_at_commit", "")  # the run's commit is its first stage's
             if budget:
-                budget -= read_meta(encoder)["training"]["elapsed_s"]
-        return _train(cfg, out, place, data_root, resume and (out / "last.safetensors").exists(), on_validation, budget, init_encoder)
+                budget -= stage["elapsed_s"]
+        return _train(
+            cfg, out, place, data_root, resume and (out / "last.safetensors").exists(), on_validation, budget, init_encoder,
+            started_at_commit,
+        )
 
 
 def finished(checkpoint: Path) -> bool:
@@ -390,7 +395,7 @@ class _Stage:
 
     def __init__(
         self, cfg: TrainConfig, out: Path, place: Placement, data_root: str | None, resume: bool, budget_s: float,
-        init_encoder: str,
+        init_encoder: str, started_at_commit: str = "",
     ):
         self.entered = time.time()
         self.cfg, self.out, self.place, self.budget_s = cfg, out, place, budget_s
@@ -403,9 +408,10 @@ class _Stage:
         self.model = _model_for(cfg, place.device, "" if resume else init_encoder, "" if resume else cfg.init_from, place.is_main)
         self.optimizer = make_optimizer(self.model, cfg)
         self.start_step, self.best, self.elapsed_before, self.samples = 0, -1.0, 0.0, 0
-        # The code that trains is the code of the commit the run started from; the JSON's git_commit says
-        # only which commit was checked out when a checkpoint was written.
-        self.started_at_commit = git_commit()
+        # The code that trains is the code of the commit the run started from (its first stage's, for the
+        # reader after a classifier stage); the JSON's git_commit says only which commit was checked out
+        # when a checkpoint was written.
+        self.started_at_commit = started_at_commit or git_commit()
         if resume:
             self.restore()
         if place.is_main:
@@ -517,9 +523,10 @@ class _Stage:
 def _train(
     cfg: TrainConfig, out: Path, place: Placement, data_root: str | None, resume: bool,
     on_validation: Callable[[int, dict[str, float]], bool] | None, budget_s: float, init_encoder: str,
+    started_at_commit: str = "",
 ) -> dict:
     """One stage: train cfg's model into out; budget_s > 0 ends it on the clock, counted from here."""
-    return _Stage(cfg, out, place, data_root, resume, budget_s, init_encoder).run(on_validation)
+    return _Stage(cfg, out, place, data_root, resume, budget_s, init_encoder, started_at_commit).run(on_validation)
 
 
 def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
