@@ -18,9 +18,11 @@ import numpy as np
 import torch
 
 from data.mnist import load_pools
+from data.suites import suite_samples
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.network import DigitClassifier
-from model.preprocess import MARGIN, batch_images, preprocess_array
+from train.batches import canonical_images, classifier_square
+from train.evaluate import predict
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,21 +31,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoints", nargs="+", help="classifier checkpoints (a run's OUT/encoder/last.safetensors, or a classifier run's)")
     parser.add_argument("--data-root", default=None)
     args = parser.parse_args(argv)
-    test = load_pools(args.data_root, splits=("test",))["test"]
-    digits = test.images.numpy().astype(np.float32) / 255.0
-    labels = test.labels.numpy()
+    samples = suite_samples("mnist-test", load_pools(args.data_root, splits=("test",))["test"], 10_000)
+    labels = np.array([sample.digits[0] for sample in samples])
     for checkpoint in args.checkpoints:
         model, _ = load_checkpoint(checkpoint)
         if not isinstance(model, DigitClassifier):
             raise CheckpointError(f"{checkpoint} is a reader; give a classifier checkpoint, such as a run's encoder/last.safetensors")
         model.eval()
-        side = round(model.cfg.digit_height) + 2 * MARGIN
-        images = [preprocess_array(digit, model.cfg.digit_height, model.cfg.max_size).image for digit in digits]
-        predicted = []
+        side = classifier_square(model.cfg)
+        images = canonical_images(samples, model.cfg)
         with torch.no_grad():
-            for start in range(0, len(images), 500):
-                batch, mask = batch_images(images[start : start + 500])
-                predicted += model(batch, mask).argmax(-1).tolist()
+            predicted = [digits[0] for digits in predict(model, images)[0]]
         wrong = np.array(predicted) != labels
         kinds = {
             f"within {side}x{side}": np.array([im.shape[0] <= side and im.shape[1] <= side for im in images]),

@@ -60,6 +60,11 @@ def canonical_images(samples: list[Sample], model: ModelConfig) -> list[np.ndarr
     return out
 
 
+def classifier_square(model: ModelConfig) -> int:
+    """The side of the square the classifier stage puts a digit in: one preprocessed digit's height, margins included."""
+    return round(model.digit_height) + 2 * MARGIN
+
+
 def in_square(image: np.ndarray, side: int) -> np.ndarray:
     """A canonical image in the top left corner of a side x side square, where `batch_images` puts every image.
 
@@ -174,7 +179,7 @@ class BatchMaker:
         self.digit_height = model.digit_height
         self.max_size = model.max_size
         # A classifier reads one digit per image: nearly all go into a fixed square (`classifier_batches`).
-        self.square = round(model.digit_height) + 2 * MARGIN if model.kind == "classifier" else 0
+        self.square = classifier_square(model) if model.kind == "classifier" else 0
         unit = model.digit_height / MNIST_DIGIT_HEIGHT
         self.banks = {
             name: DigitBank(pool, STYLES[name], unit, bank_size, seed=seed * 1000 + 100 * rank + i)
