@@ -4,10 +4,13 @@ page and coloured paper must leave the model input the digits alone, at the digi
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from data.suites import suite_samples
 from data.synth import STYLES, SequenceSynth
+from model import preprocess
 from model.checkpoint import DEFAULT_CHECKPOINT
 from model.pipeline import SequenceReader, digit_marks
 from model.preprocess import preprocess_array, skew_angle, to_grayscale
@@ -90,6 +93,22 @@ def test_a_faint_rule_broken_into_dots_by_noise_goes(paper_strip):
     assert "lines" in messy.removed
     assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 2
     assert abs(messy.image.shape[1] - clean.image.shape[1]) <= 4
+
+
+def test_faint_table_lines_that_grain_breaks_apart_go_beside_a_dark_rule(paper_strip):
+    """A table's thin column lines, faint, beside a dark rule: grain breaks them into pieces in the ink mask, too
+    far apart to be one line there; found whole on the smoothed faint ink, they go, and no piece is left."""
+    paper, _ = paper_strip
+    _, bottom, left, right = ink_box(paper)
+    table = paper.copy()
+    cv2.line(table, (0, bottom + 14), (paper.shape[1], bottom + 14), 0.1, 3)
+    for column in (left - 14, right + 14):
+        cv2.line(table, (column, 0), (column, paper.shape[0]), 0.5, 2)
+    grain = np.random.default_rng(0).normal(0, 0.1, paper.shape)
+    clean = preprocess_array(np.clip(paper + grain, 0, 1).astype(np.float32), 16.0)
+    messy = preprocess_array(np.clip(table + grain, 0, 1).astype(np.float32), 16.0)
+    assert "lines" in messy.removed
+    assert messy.image.shape == clean.image.shape
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +301,35 @@ def test_the_reader_cli_reads_a_photo_of_a_form_field(form_photo, capsys):
     path, digits = form_photo
     read_main([str(path)])
     assert capsys.readouterr().out.split()[1] == digits
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(
+    shape=st.tuples(st.integers(8, 120), st.integers(8, 120)),
+    horizontal=st.booleans(),
+    fraction=st.floats(0.3, 1.0),
+    stroke=st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0.9, 1.3), st.floats(-25, 25), st.integers(1, 3)),
+    breaks=st.one_of(st.none(), st.tuples(st.integers(3, 12), st.integers(1, 2))),
+    seed=st.integers(0, 2**16),
+)
+def test_the_profile_test_skips_no_line_the_morphology_finds(shape, horizontal, fraction, stroke, breaks, seed):
+    """`_long_lines` skips its 2D morphology when `_profile_has_run` says no run fits. A stroke about the
+    sought length, within 25 degrees of its direction, maybe running off the image, maybe broken every few
+    pixels as a faint rule is, among specks: it must find exactly what it finds without that shortcut."""
+    h, w = shape
+    length = max(4, round(fraction * (w if horizontal else h)))
+    canvas = (np.random.default_rng(seed).random(shape) < 0.005).astype(np.uint8)
+    x, y, size, degrees, width = stroke
+    along, across = size * length / 2 * np.cos(np.radians(degrees)), size * length / 2 * np.sin(np.radians(degrees))
+    dx, dy = (along, across) if horizontal else (across, along)
+    cx, cy = x * (w - 1), y * (h - 1)
+    cv2.line(canvas, (round(cx - dx), round(cy - dy)), (round(cx + dx), round(cy + dy)), 1, width)
+    if breaks:
+        period, gap = breaks
+        cut = np.arange(w if horizontal else h) % period < gap
+        canvas[(slice(None), cut) if horizontal else cut] = 0
+    mask = canvas > 0
+    with_shortcut = preprocess._long_lines(mask, length, horizontal)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(preprocess, "_profile_has_run", lambda *args: True)
+        assert np.array_equal(with_shortcut, preprocess._long_lines(mask, length, horizontal))
