@@ -523,7 +523,8 @@ def _profile_has_run(ink: np.ndarray, gap: int, run: int, horizontal: bool) -> b
     Each of them keeps a column only if its 1D twin here does (the same kernels along the direction, the same
     anchors and borders; the closing's dilation is a superset of it), so a False skips them exactly, for a
     third of their cost on most images."""
-    profile = (ink.any(0)[None, :] if horizontal else ink.any(1)[:, None]).astype(np.uint8)
+    occupied = np.asarray(ink.any(axis=0 if horizontal else 1), dtype=np.uint8)
+    profile = occupied.reshape(1, -1) if horizontal else occupied.reshape(-1, 1)
     closing, along = ((1, gap), (1, run)) if horizontal else ((gap, 1), (run, 1))
     return bool(cv2.erode(cv2.dilate(profile, np.ones(closing, np.uint8)), np.ones(along, np.uint8)).any())
 
