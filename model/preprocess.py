@@ -597,10 +597,11 @@ def _frame_sides(rest: np.ndarray, lines: np.ndarray, digit: float) -> np.ndarra
 
 def _pieces_on(mask: np.ndarray, lines: np.ndarray) -> np.ndarray:
     """The pieces of ink in `mask` with at least 80% of their pixels on `lines`."""
-    if not (mask & lines).any():
+    on_lines = mask & lines
+    if not on_lines.any():
         return np.zeros_like(mask)
     count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
-    on = np.bincount(labels[mask & lines], minlength=count) >= 0.8 * np.bincount(labels.ravel(), minlength=count)
+    on = np.bincount(labels[on_lines], minlength=count) >= 0.8 * np.bincount(labels.ravel(), minlength=count)
     on[0] = False
     return on[labels]
 
