@@ -49,6 +49,7 @@ MAX_HEIGHT, MAX_WIDTH = ModelConfig.max_image_height, ModelConfig.max_image_widt
 MARGIN = 4  # background pixels kept around the ink
 MAX_INPUT_PIXELS = 40_000_000  # larger uploads are refused rather than risk memory
 WORKING_SIDE = 1024  # longer sides are downscaled to this before anything else
+CV_MAX_CHANNELS = 128  # OpenCV's filters take images of at most this many channels (preprocess_digits' stacks)
 
 
 class ImageReadError(ValueError):
@@ -232,8 +233,8 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _box_filter(x: np.ndarray, kernel: int) -> np.ndarray:
-    """Square mean filter with edge replication."""
-    return cv2.blur(x, (kernel, kernel), borderType=cv2.BORDER_REPLICATE)
+    """Square mean filter with edge replication, of an (H, W) image or of each image of an (H, W, M) stack."""
+    return cv2.blur(x, (kernel, kernel), borderType=cv2.BORDER_REPLICATE).reshape(x.shape)
 
 
 def _remove_background(ink: np.ndarray, on_paper: bool) -> np.ndarray:
@@ -246,31 +247,37 @@ def _remove_background(ink: np.ndarray, on_paper: bool) -> np.ndarray:
     opening and were hollowed out: 0.7 points of MNIST test accuracy.)
     Light falling on paper multiplies what the camera sees, so for inverted paper
     images the result is divided by the local paper brightness as well.
+    `ink` is one (H, W) image or an (H, W, M) stack of images, each treated alone
+    (OpenCV filters the channels of an image apart, with the same arithmetic).
     """
-    short = min(ink.shape)
+    short = min(ink.shape[:2])
     factor = max(1, short // 32)
     small = _resize(ink, -(-ink.shape[0] // factor), -(-ink.shape[1] // factor)) if factor > 1 else ink
-    kernel = max(9, int(0.2 * min(small.shape))) | 1
+    kernel = max(9, int(0.2 * min(small.shape[:2]))) | 1
     window = np.ones((kernel, kernel), np.uint8)
-    background = _box_filter(cv2.dilate(cv2.erode(small, window), window), kernel)
+    background = _box_filter(cv2.dilate(cv2.erode(small, window), window).reshape(small.shape), kernel)
     if factor > 1:
-        background = cv2.resize(background, (ink.shape[1], ink.shape[0]), interpolation=cv2.INTER_LINEAR)
+        background = cv2.resize(background, (ink.shape[1], ink.shape[0]), interpolation=cv2.INTER_LINEAR).reshape(ink.shape)
     out = ink - background
     if on_paper:
         out = out / np.maximum(1.0 - background, 0.1)
     return np.clip(out, 0.0, 1.0)
 
 
-def _otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
-    """Otsu's threshold of values in [0, 1], on a histogram of `bins` bins."""
-    hist = np.bincount(np.minimum((values * bins).astype(np.intp), bins - 1).ravel(), minlength=bins).astype(np.float64)
+def _otsu_threshold(values: np.ndarray, bins: int = 64) -> np.ndarray:
+    """Otsu's threshold of values in [0, 1], on a histogram of `bins` bins: of an (H, W) image (shape ()),
+    or of each image of an (H, W, M) stack (shape (M,))."""
+    images = 1 if values.ndim == 2 else values.shape[-1]
+    index = np.minimum((values * bins).astype(np.intp), bins - 1) + bins * np.arange(images)  # image m counts in bins m * bins onwards
+    hist = np.bincount(index.ravel(), minlength=bins * images).reshape(images, bins).astype(np.float64)
     centers = (np.arange(bins) + 0.5) / bins
-    weight_low = np.cumsum(hist)
-    weight_high = weight_low[-1] - weight_low
-    mean_low = np.cumsum(hist * centers) / np.maximum(weight_low, 1)
-    mean_high = ((hist * centers).sum() - np.cumsum(hist * centers)) / np.maximum(weight_high, 1)
+    weight_low = np.cumsum(hist, axis=1)
+    weight_high = weight_low[:, -1:] - weight_low
+    mean_low = np.cumsum(hist * centers, axis=1) / np.maximum(weight_low, 1)
+    mean_high = ((hist * centers).sum(1, keepdims=True) - np.cumsum(hist * centers, axis=1)) / np.maximum(weight_high, 1)
     between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    return float(centers[int(np.argmax(between))])
+    thresholds = centers[np.argmax(between, axis=1)]
+    return thresholds.reshape(values.shape[2:])
 
 
 def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
@@ -400,6 +407,16 @@ def preprocess_ink(
         deskew[:, 2] += [(size[0] - w) / 2, (size[1] - h) / 2]
         x, mask = _ink(cv2.warpAffine(x, deskew, size, flags=cv2.INTER_LINEAR, borderValue=0))
         known_height = 0.0
+    image, box, scale, measured, fitted = _crop_to_ink(x, mask, known_height, digit_height, max_size)
+    return Preprocessed(image, inverted, box, scale, measured, fitted, working_shape, deskew, removed)
+
+
+def _crop_to_ink(
+    x: np.ndarray, mask: np.ndarray, known_height: float, digit_height: float, max_size: tuple[int, int],
+) -> tuple[np.ndarray, tuple[int, int, int, int], float, float, bool]:
+    """Step 7: the ink cropped, its digits rescaled to digit_height (measured unless known_height > 0),
+    shrunk further if it would not fit max_size, and framed with MARGIN pixels.
+    Returns (image, crop box (top, left, bottom, right), scale, measured height, shrunk to fit)."""
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     if len(rows) == 0:
         raise NoInkError("no ink found: only isolated specks")
@@ -418,26 +435,61 @@ def preprocess_ink(
         height, width = max(1, int(height * fit)), max(1, int(width * fit))
     x = np.clip(_resize(np.ascontiguousarray(x), height, width), 0.0, 1.0)
     x = cv2.copyMakeBorder(x, MARGIN, MARGIN, MARGIN, MARGIN, cv2.BORDER_CONSTANT, value=0)  # np.pad costs 10x more
-    return Preprocessed(x, inverted, (top, left, bottom, right), scale, measured, fitted, working_shape, deskew, removed)
+    return x, (top, left, bottom, right), scale, measured, fitted
+
+
+def preprocess_digits(digits: np.ndarray, digit_height: float, max_size: tuple[int, int]) -> list[np.ndarray]:
+    """`preprocess_ink(d, digit_height, max_size).image` for each image d of an (M, H, W) stack of lone digits.
+
+    The classifier stage's digits (data.synth.canonical_digits) come a stack at a time; the per-pixel work
+    (background, contrast, ink mask) runs once over the whole stack, which OpenCV filters image by image
+    with the same arithmetic, so each result is the one `preprocess_ink` gives for its image alone. A digit
+    that needs more than one crop and measure (a line to level; ink in more than one band of rows or run
+    of columns, which `estimate_digit_height` measures piece by piece) goes through `preprocess_ink` itself.
+    A stack with an image that has no ink goes through `preprocess_ink` image by image, which says which.
+    """
+    if len(digits) > CV_MAX_CHANNELS:
+        return [out for start in range(0, len(digits), CV_MAX_CHANNELS)
+                for out in preprocess_digits(digits[start : start + CV_MAX_CHANNELS], digit_height, max_size)]
+    if len(digits) < 2:
+        return [preprocess_ink(d, digit_height, max_size).image for d in digits]
+    stack = np.ascontiguousarray(digits.transpose(1, 2, 0))  # (H, W, M): each image a channel
+    try:
+        ink, masks = _ink(_remove_background(stack, on_paper=False))
+    except NoInkError:
+        return [preprocess_ink(d, digit_height, max_size).image for d in digits]
+    ink, masks = np.ascontiguousarray(ink.transpose(2, 0, 1)), np.ascontiguousarray(masks.transpose(2, 0, 1))
+    rows, cols = np.asarray(masks.any(2)), np.asarray(masks.any(1))  # (M, H), (M, W)
+    out = []
+    for digit, x, mask, ink_rows, ink_cols in zip(digits, ink, masks, rows, cols):
+        row_runs = _runs(ink_rows)
+        if len(row_runs) != 1 or len(_runs(ink_cols)) != 1 or skew_angle(mask):
+            out.append(preprocess_ink(digit, digit_height, max_size).image)
+            continue
+        top, bottom = row_runs[0]
+        out.append(_crop_to_ink(x, mask, bottom - top, digit_height, max_size)[0])
+    return out
 
 
 def _ink(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A background-free, ink-bright image stretched to its brightest ink with a faint floor removed,
-    and its ink mask. Raises NoInkError when nothing stands out."""
+    and its ink mask; of an (H, W) image, or of each image of an (H, W, M) stack alike.
+    Raises NoInkError when nothing stands out (in any image of a stack)."""
     # Decide what is ink on a smoothed copy: pixel noise and paper grain average out, strokes do not.
-    smooth = _box_filter(x, 3 if min(x.shape) < 150 else 5)
-    peak = float(smooth.max())
-    if peak < 0.08:
+    smooth = _box_filter(x, 3 if min(x.shape[:2]) < 150 else 5)
+    peak = smooth.max(axis=(0, 1))  # float32, one per image
+    if np.any(peak < 0.08):
         raise NoInkError("no ink found: the image is blank or has almost no contrast")
     x, smooth = np.minimum(x / peak, 1.0), smooth / peak
-    threshold = min(max(_otsu_threshold(smooth), 0.2), 0.6)
+    threshold = np.clip(_otsu_threshold(smooth), 0.2, 0.6)
     floor = threshold / 2
-    x = np.maximum((x - floor) / (1 - floor), 0.0)
+    # The levels are worked out in float64 and compared with the float32 pixels in float32.
+    x = np.maximum((x - np.float32(floor)) / np.float32(1 - floor), 0.0)
     # Ink: bright itself, in a bright neighbourhood, and not an isolated speck
     # (at least 3 ink pixels in its 3x3 neighbourhood).
-    raw_mask = (x > threshold - floor).astype(np.float32)
-    support = cv2.blur(raw_mask, (3, 3), borderType=cv2.BORDER_CONSTANT) * 9
-    return x, (raw_mask > 0) & (smooth > threshold) & (support >= 2.5)
+    raw_mask = (x > np.float32(threshold - floor)).astype(np.float32)
+    support = cv2.blur(raw_mask, (3, 3), borderType=cv2.BORDER_CONSTANT).reshape(x.shape) * 9
+    return x, (raw_mask > 0) & (smooth > np.float32(threshold)) & (support >= 2.5)
 
 
 FAINT_INK = 0.25  # ink level (of the brightest ink's) at which `remove_clutter` looks for faint rules

@@ -1,10 +1,11 @@
 import io
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
-from data.synth import STYLES, SequenceSynth
+from data.synth import STYLES, SequenceSynth, render_sprites
 from model.preprocess import (
     MARGIN,
     TARGET_DIGIT_HEIGHT,
@@ -15,7 +16,9 @@ from model.preprocess import (
     estimate_digit_height,
     load_image,
     preprocess_array,
+    preprocess_digits,
     preprocess_image,
+    preprocess_ink,
     to_grayscale,
 )
 
@@ -197,8 +200,6 @@ def test_bold_strokes_of_a_small_clean_image_are_not_hollowed(pools):
     """A clean, small image has no background to remove: the background estimate must not eat into bold
     strokes. (A 5 px opening window left the strokes of bold 28x28 MNIST digits in the estimate and
     hollowed them out.)"""
-    import cv2
-
     bold = np.zeros((28, 28), dtype=np.float32)
     cv2.circle(bold, (14, 14), 8, 1.0, thickness=6)  # a bold "0", strokes 6 px wide
     out = preprocess_array(bold).image
@@ -234,3 +235,27 @@ def test_detached_strokes_join_only_a_lone_glyph():
     beside = np.zeros((20, 40), dtype=bool)  # with a digit beside it, the median over the line's digits decides
     beside[:, :16], beside[5:, 22:30] = five, True
     assert estimate_digit_height(beside) == 15
+
+
+def test_a_stack_of_lone_digits_preprocesses_as_each_digit_alone(pools):
+    """`preprocess_digits` gives, bit for bit, what `preprocess_ink` gives each digit alone: for the classifier
+    stage's digits of each style (more of them than one OpenCV call takes, so the stack is cut), and for
+    digits it must hand to `preprocess_ink` because their ink's height is not their digit height: a five
+    with a dot above it (two bands of rows; the dot is not measured), two strokes of different heights side
+    by side (two runs of columns, measured piece by piece) and a line of ink turned by 8 degrees (levelled)."""
+    rng = np.random.default_rng(3)
+    stacks = [render_sprites(pools["test"], rng.integers(0, len(pools["test"]), 150), STYLES[name], rng, 0.8)
+              for name in ("shapes", "train", "drawn")]
+    awkward = np.zeros((3, 48, 48), dtype=np.float32)
+    awkward[0, 6:9, 18:21], awkward[0, 12:32, 12:28] = 1.0, _five_with_detached_bar()
+    awkward[1, 8:32, 10:13], awkward[1, 20:32, 20:23] = 1.0, 1.0
+    assert [preprocess_ink(image).digit_height for image in awkward[:2]] == [20, 18]  # their ink: 26 and 24 rows
+    for left in (4, 18, 32):  # three dashes along a line that falls 8 degrees
+        cv2.line(awkward[2], (left, round(30 - 0.14 * left)), (left + 10, round(30 - 0.14 * (left + 10))), 1.0, 2)
+    assert preprocess_ink(awkward[2]).levelled_by != 0
+    stacks.append(awkward)
+    for stack in stacks:
+        fast = preprocess_digits(stack, 16.0, (160, 384))
+        alone = [preprocess_ink(digit, 16.0, (160, 384)).image for digit in stack]
+        assert len(fast) == len(stack)
+        assert all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(fast, alone))

@@ -4,8 +4,10 @@ import itertools
 import time
 from dataclasses import replace
 
+import numpy as np
 import torch
 
+from data.synth import STYLES, canonical_digits
 from model.checkpoint import load_checkpoint
 from model.decoding import greedy_decode
 from model.network import DigitReader
@@ -136,13 +138,15 @@ def test_groups_cut_by_width_pad_less_and_train_on_the_same_loss(pools):
 
 def test_classifier_batches_keep_digits_too_wide_for_the_square_at_their_own_size(pools):
     """The classifier stage's digits go into 24x24 squares, except those larger than the square: they are
-    batched apart at the size preprocessing gave them, as reading meets them, never shrunk to fit."""
+    batched apart at the size preprocessing gave them, as reading meets them, never shrunk to fit. Each
+    step's digits are fresh, and the same for the same (seed, step), so a resumed run sees them again."""
     cfg = PRESETS["classifier"]
-    maker = BatchMaker(pools["train"], cfg.mixture(), cfg.model, 128, seed=0, bank_size=256)
-    samples = maker.samples(0)[0]
+    maker = BatchMaker(pools["train"], cfg.mixture(), cfg.model, 128, seed=0)
     batches = maker(0)
+    (_, style, _, synth_seed), = maker._groups(0)
+    images, labels = canonical_digits(pools["train"], 128, STYLES[style], np.random.default_rng(synth_seed), 16.0, cfg.model.max_size)
     side = round(cfg.model.digit_height) + 8
-    sizes = [s.image.shape for s in samples]
+    sizes = [image.shape for image in images]
     too_large = [size for size in sizes if max(size) > side]
     assert too_large, "a batch of 128 digits holds wide ones (one in ten)"
     assert len(batches) == 2
@@ -150,4 +154,7 @@ def test_classifier_batches_keep_digits_too_wide_for_the_square_at_their_own_siz
     assert square.images.shape[2:] == (side, side) and len(square.digits) == len(sizes) - len(too_large)
     # Each larger digit at its own size: its mask covers exactly the preprocessed image.
     assert sorted(tuple(int(v) for v in m.nonzero().max(0).values + 1) for m in larger.pixel_mask) == sorted(too_large)
-    assert sorted(d for b in batches for d in b.digits) == sorted(s.digits for s in samples)
+    assert sorted(d for b in batches for d in b.digits) == sorted([int(label)] for label in labels)
+    resumed = BatchMaker(pools["train"], cfg.mixture(), cfg.model, 128, seed=0)
+    assert all(torch.equal(a.images, b.images) for a, b in zip(resumed(0), batches))
+    assert not torch.equal(maker(1)[0].images[:16], square.images[:16])

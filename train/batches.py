@@ -2,9 +2,10 @@
 
 Batch k of a run is a pure function of (seed, k): its layout, style and digits
 come from generators seeded with both, and its digits from a bank rebuilt from
-(seed, k // bank_steps). Resuming at step k therefore sees exactly
-the batches an uninterrupted run would have seen, and a DataLoader worker can
-make batches ahead of the training loop without sharing any state with it.
+(seed, k // bank_steps), or for a classifier warped for step k itself. Resuming
+at step k therefore sees exactly the batches an uninterrupted run would have
+seen, and a DataLoader worker can make batches ahead of the training loop
+without sharing any state with it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from data.mnist import DigitPool
-from data.synth import MNIST_DIGIT_HEIGHT, STYLES, DigitBank, Sample, SequenceSynth
+from data.synth import MNIST_DIGIT_HEIGHT, STYLES, DigitBank, Sample, SequenceSynth, canonical_digits
 from model.network import BOS, EOS, PAD, ModelConfig
 from model.preprocess import MARGIN, NoInkError, batch_images, preprocess_array
 
@@ -155,8 +156,9 @@ class BatchMaker:
     run trains on the same kinds; the digits and augmentations come from a
     generator of the rank's own. Digits come from one DigitBank per style, rebuilt
     from (seed, style, step // bank_steps), so resuming at step k sees exactly the
-    batches an uninterrupted run saw. With one process the stream is the
-    single-process stream, sample for sample.
+    batches an uninterrupted run saw; a classifier's lone digits, cheap to make a
+    stack at a time, are warped fresh for each step instead (`canonical_digits`).
+    With one process the stream is the single-process stream, sample for sample.
     """
 
     def __init__(
@@ -186,8 +188,8 @@ class BatchMaker:
             for i, name in enumerate(sorted(STYLES))
         }
 
-    def samples(self, step: int) -> list[list[Sample]]:
-        """This rank's samples of step `step`, one list per group."""
+    def _groups(self, step: int) -> list[tuple[str, str, dict, int]]:
+        """The (layout, style, layout options, this rank's synthesis seed) of each group of step `step`."""
         rng = np.random.default_rng([self.seed, step])
         mixture = self.mixture.at(step, self.ramp_steps)
         groups = []
@@ -196,23 +198,41 @@ class BatchMaker:
             style = _weighted_choice(mixture.styles, rng)
             options = mixture.group_options(layout, rng)
             synth_seed = int(rng.integers(2**62, size=self.world_size)[self.rank])  # element 0 is the one-process seed
-            synth = SequenceSynth(self.pool, STYLES[style], seed=synth_seed)
-            bank = self.banks[style].at(step // self.bank_steps)
-            size = self.batch_size // (self.groups * self.world_size)
-            groups.append(synth.canonical(layout, size, bank, self.digit_height, self.max_size, **options))
+            groups.append((layout, style, options, synth_seed))
         return groups
+
+    def samples(self, step: int) -> list[list[Sample]]:
+        """This rank's samples of step `step` for a reader, one list per group (a classifier's: `_classifier_batches`)."""
+        size = self.batch_size // (self.groups * self.world_size)
+        return [
+            SequenceSynth(self.pool, STYLES[style], seed=synth_seed).canonical(
+                layout, size, self.banks[style].at(step // self.bank_steps), self.digit_height, self.max_size, **options,
+            )
+            for layout, style, options, synth_seed in self._groups(step)
+        ]
 
     def __call__(self, step: int) -> list[Batch]:
         """This rank's share of step `step`: `splits` Batches per group (a classifier's: one or two, `classifier_batches`)."""
+        if self.square:
+            return self._classifier_batches(step)
         batches = []
         for group in self.samples(step):
             images = [s.image for s in group]
-            if self.square:
-                batches += classifier_batches(images, [s.digits for s in group], group[0].layout, self.square)
-                continue
             order = sorted(range(len(group)), key=lambda i: (images[i].shape[1], images[i].shape[0]))
             for part in np.array_split(np.array(order), self.splits):
                 batches.append(collate([images[i] for i in part], [group[i].digits for i in part], group[0].layout))
+        return batches
+
+    def _classifier_batches(self, step: int) -> list[Batch]:
+        """A classifier's share of step `step`: fresh lone digits of each group's style (`canonical_digits`), no bank."""
+        size = self.batch_size // (self.groups * self.world_size)
+        batches = []
+        for layout, style, _, synth_seed in self._groups(step):
+            if layout != "single":
+                raise ValueError(f"a classifier trains on single digits, not {layout!r}; set layouts={{'single': 1.0}}")
+            rng = np.random.default_rng(synth_seed)
+            images, labels = canonical_digits(self.pool, size, STYLES[style], rng, self.digit_height, self.max_size)
+            batches += classifier_batches(images, [[int(label)] for label in labels], layout, self.square)
         return batches
 
 
