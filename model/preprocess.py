@@ -644,7 +644,49 @@ def _frame_sides(rest: np.ndarray, lines: np.ndarray, digit: float) -> np.ndarra
             ends = (touching[:end].any(), touching[-end:].any()) if vertical else (touching[:, :end].any(), touching[:, -end:].any())
             if all(ends):
                 sides[top : top + height, left : left + width] |= piece
+    return sides | _sides_touching_digits(rest & ~sides, lines, near_lines, reach, digit)
+
+
+def _sides_touching_digits(rest: np.ndarray, lines: np.ndarray, near_lines: np.ndarray, reach: int, digit: float) -> np.ndarray:
+    """A frame's short sides that a digit touches, which makes side and digit one piece (`_frame_sides` takes
+    pieces): runs of ink along columns (or rows) at least 0.8 digit heights long with both ends on removed
+    lines, in bands under 0.6 digit heights across (as thick as the sides `_frame_sides` takes) that run
+    from a corner of the removed lines to another. At a corner a removed line ends: it lies on one side of
+    the band and not the other. A digit's stroke that spans two rules of lined paper has the rules on both
+    sides, and stays."""
+    sides = np.zeros_like(rest)
+    for vertical in (True, False):
+        ink, removed, near = (rest, lines, near_lines) if vertical else (rest.T, lines.T, near_lines.T)
+        # A faint side is broken by noise into dashes: gaps shorter than `reach` along it do not end a run.
+        joined = cv2.morphologyEx(ink.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((reach, 1), np.uint8)) > 0
+        edges = np.diff(np.pad(joined, ((1, 1), (0, 0))).astype(np.int8), axis=0).T  # (columns, rows + 1)
+        columns, starts = np.nonzero(edges == 1)  # runs [start, end) down each column, in column order
+        ends = np.nonzero(edges == -1)[1]
+        found = ((ends - starts) >= 0.8 * digit) & near[starts, columns] & near[ends - 1, columns]
+        if not found.any():
+            continue
+        runs = np.zeros_like(ink)
+        for column, start, end in zip(columns[found], starts[found], ends[found]):
+            runs[start:end, column] = True
+        _, pieces, stats, _ = cv2.connectedComponentsWithStats(np.ascontiguousarray(removed).astype(np.uint8), connectivity=8)
+        for first, last in _runs(np.asarray(runs.any(0))):
+            rows = np.flatnonzero(runs[:, first:last].any(1))
+            if last - first < 0.6 * digit and all(_corner(pieces, stats, int(row), first, last, reach) for row in (rows[0], rows[-1])):
+                (sides if vertical else sides.T)[:, first:last] |= runs[:, first:last] & ink[:, first:last]
     return sides
+
+
+def _corner(pieces: np.ndarray, stats: np.ndarray, row: int, first: int, last: int, reach: int) -> bool:
+    """Whether the removed lines (`pieces`, labelled, with their `stats`) within two `reach` of `row` over the
+    columns [first, last) reach past those columns on one side only: a frame's corner, not a rule passing by.
+    (Two reaches: a thick line's corner is removed with it and ends the run short of the line.)"""
+    touching = np.unique(pieces[max(0, row - 2 * reach) : row + 2 * reach + 1, first:last])
+    touching = touching[touching > 0]
+    if not len(touching):
+        return False
+    left = stats[touching, cv2.CC_STAT_LEFT]
+    right = left + stats[touching, cv2.CC_STAT_WIDTH]
+    return bool((left.min() < first - reach) != (right.max() > last + reach))
 
 
 def _pieces_on(mask: np.ndarray, lines: np.ndarray) -> np.ndarray:

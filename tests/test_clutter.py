@@ -81,6 +81,24 @@ def test_a_cell_under_a_rule_across_the_page_loses_its_sides(paper_strip):
     assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 3
 
 
+def test_a_frame_side_that_a_digit_touches_goes_and_a_stroke_between_rules_stays():
+    """A 0 touching a field's left side makes side and digit one piece, too thick to be a side: the side still
+    goes, as a run of ink from the corner where the field's top ends to the one where its bottom ends, and
+    the 0 stays. Between rules across the page the same run has a rule on both sides, no corner: it stays."""
+    drawn = np.zeros((120, 200), dtype=np.uint8)
+    drawn[30:90, 20:24] = 1  # the side, from the field's top to its bottom
+    cv2.circle(drawn, (44, 60), 18, 1, 4)  # a 0 touching it
+    rest = drawn > 0
+    side = np.zeros_like(rest)
+    side[30:90, 20:24] = True
+    field = np.zeros_like(rest)
+    field[22:30, 20:180], field[90:98, 20:180] = True, True  # the removed top and bottom, ending at the side
+    assert np.array_equal(preprocess._frame_sides(rest, field, 40.0), side)
+    ruled = np.zeros_like(rest)
+    ruled[22:30], ruled[90:98] = True, True
+    assert not preprocess._frame_sides(rest, ruled, 40.0).any()
+
+
 def test_a_faint_rule_broken_into_dots_by_noise_goes(paper_strip):
     """A faint rule under the digits in a grainy photo: the ink mask holds about 70% of it, in dots."""
     paper, _ = paper_strip
