@@ -451,20 +451,23 @@ def preprocess_digits(digits: np.ndarray, digit_height: float, max_size: tuple[i
     if len(digits) > CV_MAX_CHANNELS:
         return [out for start in range(0, len(digits), CV_MAX_CHANNELS)
                 for out in preprocess_digits(digits[start : start + CV_MAX_CHANNELS], digit_height, max_size)]
+    def alone(digit: np.ndarray) -> np.ndarray:
+        return preprocess_ink(digit, digit_height, max_size).image
+
     if len(digits) < 2:
-        return [preprocess_ink(d, digit_height, max_size).image for d in digits]
+        return [alone(d) for d in digits]
     stack = np.ascontiguousarray(digits.transpose(1, 2, 0))  # (H, W, M): each image a channel
     try:
         ink, masks = _ink(_remove_background(stack, on_paper=False))
     except NoInkError:
-        return [preprocess_ink(d, digit_height, max_size).image for d in digits]
+        return [alone(d) for d in digits]
     ink, masks = np.ascontiguousarray(ink.transpose(2, 0, 1)), np.ascontiguousarray(masks.transpose(2, 0, 1))
     rows, cols = np.asarray(masks.any(2)), np.asarray(masks.any(1))  # (M, H), (M, W)
     out = []
     for digit, x, mask, ink_rows, ink_cols in zip(digits, ink, masks, rows, cols):
         row_runs = _runs(ink_rows)
         if len(row_runs) != 1 or len(_runs(ink_cols)) != 1 or skew_angle(mask):
-            out.append(preprocess_ink(digit, digit_height, max_size).image)
+            out.append(alone(digit))
             continue
         top, bottom = row_runs[0]
         out.append(_crop_to_ink(x, mask, bottom - top, digit_height, max_size)[0])
