@@ -34,6 +34,14 @@ def test_tiny_model_overfits_one_batch(pools):
     assert predicted == batch.digits
 
 
+def test_loader_workers_deliver_every_step_once_in_order(pools):
+    cfg = PRESETS["tiny"]
+    maker = cfg.batch_maker(pools["train"])
+    loader = torch.utils.data.DataLoader(TrainingStream(maker, 5, 12), batch_size=None, num_workers=3)
+    delivered = [[b.digits for b in step] for step in loader]
+    assert delivered == [[b.digits for b in maker(step)] for step in range(5, 12)]
+
+
 def test_short_run_writes_checkpoints_and_resumes_exactly(tmp_path, pools, monkeypatch):
     cfg = replace(PRESETS["tiny"], steps=6, warmup_steps=2, eval_every=3, save_every=3, batch_size=4, val_per_layout=2)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"

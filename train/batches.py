@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import cv2
 import numpy as np
 import torch
 
@@ -250,7 +251,13 @@ class TrainingStream(torch.utils.data.IterableDataset):
         self.maker, self.start_step, self.end_step = maker, start_step, end_step
 
     def __iter__(self):
-        if torch.utils.data.get_worker_info() is not None:
-            torch.set_num_threads(1)  # a worker shares the cores with the training step
-        for step in range(self.start_step, self.end_step):
+        # Worker w of W makes steps start+w, start+w+W, ...: the DataLoader takes one item from each worker
+        # in turn, so the loop still receives every step once, in order.
+        first, stride = self.start_step, 1
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None:
+            torch.set_num_threads(1)  # a worker shares the cores with the training step and the other workers
+            cv2.setNumThreads(1)
+            first, stride = self.start_step + worker.id, worker.num_workers
+        for step in range(first, self.end_step, stride):
             yield self.maker(step)
