@@ -4,6 +4,7 @@ import itertools
 import time
 from dataclasses import replace
 
+import cv2
 import numpy as np
 import torch
 
@@ -12,7 +13,7 @@ from model.checkpoint import load_checkpoint
 from model.decoding import greedy_decode
 from model.network import DigitReader
 from tests.conftest import TINY
-from train.batches import IGNORE, BatchMaker, TrainingStream
+from train.batches import IGNORE, BatchMaker, TrainingStream, step_loader
 from train.loop import PRESETS, learning_rate, loss_on, train
 
 
@@ -35,9 +36,16 @@ def test_tiny_model_overfits_one_batch(pools):
 
 
 def test_loader_workers_deliver_every_step_once_in_order(pools):
-    cfg = PRESETS["tiny"]
-    maker = cfg.batch_maker(pools["train"])
-    loader = torch.utils.data.DataLoader(TrainingStream(maker, 5, 12), batch_size=None, num_workers=3)
+    # The parent first runs OpenCV on several threads, as training does when it builds the validation set:
+    # forked workers then hung at their first OpenCV call.
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    for _ in range(3):
+        cv2.GaussianBlur(np.ones((2000, 2000), np.float32), (15, 15), 3)
+    cv2.setNumThreads(threads)
+    maker = PRESETS["tiny"].batch_maker(pools["train"])
+    loader = step_loader(maker, 5, 12, workers=3)
+    loader.timeout = 120  # a hung worker fails the test instead of stalling it
     delivered = [[b.digits for b in step] for step in loader]
     assert delivered == [[b.digits for b in maker(step)] for step in range(5, 12)]
 

@@ -261,3 +261,15 @@ class TrainingStream(torch.utils.data.IterableDataset):
             first, stride = self.start_step + worker.id, worker.num_workers
         for step in range(first, self.end_step, stride):
             yield self.maker(step)
+
+
+def step_loader(maker: BatchMaker, start_step: int, end_step: int, workers: int) -> torch.utils.data.DataLoader:
+    """Steps start_step .. end_step - 1 of maker's stream, made in the loop (workers=0) or by worker processes ahead of it.
+
+    Workers are spawned, not forked: OpenCV's thread pool does not survive a fork, and a forked worker hung
+    at its first OpenCV call once the parent had run OpenCV in parallel (it does, building the validation set).
+    """
+    return torch.utils.data.DataLoader(
+        TrainingStream(maker, start_step, end_step), batch_size=None, num_workers=workers,
+        prefetch_factor=4 if workers else None, multiprocessing_context="spawn" if workers else None,
+    )

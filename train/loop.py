@@ -23,7 +23,7 @@ from model.checkpoint import CheckpointError, git_commit, load_checkpoint, load_
 from model.decoding import read_batch
 from model.network import DigitClassifier, DigitReader, ModelConfig, batchnorm_layers, build_model, count_parameters
 from train import distributed
-from train.batches import IGNORE, Batch, BatchMaker, Mixture, TrainingStream, canonical_images, collate
+from train.batches import IGNORE, Batch, BatchMaker, Mixture, canonical_images, collate, step_loader
 from train.distributed import Placement
 
 
@@ -442,11 +442,8 @@ class _Stage:
     def batches(self) -> torch.utils.data.DataLoader:
         """The rank's micro-batches of every step from start_step on (train.batches.BatchMaker)."""
         cfg, place = self.cfg, self.place
-        maker = cfg.batch_maker(self.pools["train"], place.rank, place.world_size)
-        return torch.utils.data.DataLoader(
-            TrainingStream(maker, self.start_step, cfg.steps), batch_size=None, num_workers=cfg.loader_workers,
-            prefetch_factor=4 if cfg.loader_workers else None,
-        )
+        return step_loader(cfg.batch_maker(self.pools["train"], place.rank, place.world_size), self.start_step, cfg.steps,
+                           cfg.loader_workers)
 
     def snapshot(self, step: int, scores: dict | None, done: bool = False) -> None:
         """OUT/last (and OUT/best when validation improved) with the optimizer state to resume from."""
