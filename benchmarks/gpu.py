@@ -10,6 +10,8 @@ Measures, on one device and one process:
     bf16 autocast.
 Prints a markdown table. The full run takes a few minutes at most on one H100;
 --quick runs a few small batches on any device to check that the script works.
+--profile then prints where a training step and a decoding call spend their time
+(torch.profiler's busiest operators, by device time on CUDA, else by CPU time).
 
 The model is freshly initialised unless --checkpoint is given. An untrained
 reader never emits EOS, so every greedy decode runs to max_digits steps: the
@@ -106,6 +108,35 @@ def decoding_rate(model: DigitReader, batches: list[list[Batch]], plan: Plan, de
     return images * plan.decode_calls / timed(device, plan.decode_calls, decode)
 
 
+def profile(model: DigitReader, cfg: TrainConfig, batches: list[list[Batch]], device: torch.device) -> None:
+    """Print torch.profiler's busiest operators over three training steps, then over one decoding call per precision."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    optimizer = make_optimizer(model, cfg)
+    place, autocast = Placement(0, 1, device), mixed_precision(device)
+    precisions = [("fp32", nullcontext())] + ([("bf16 autocast", autocast)] if device.type == "cuda" else [])
+    model.train()
+    with profiler(activities=activities) as trace:
+        for i in range(3):
+            training_step(model, optimizer, batches[i % len(batches)], cfg, cfg.lr, place, autocast)
+        synchronize(device)
+    print(f"\n### Three training steps, by {sort_by}\n")
+    print(trace.key_averages().table(sort_by=sort_by, row_limit=15))
+    model.eval()
+    images, mask = batches[0][0].images.to(device), batches[0][0].pixel_mask.to(device)
+    for name, precision in precisions:
+        with torch.inference_mode(), precision:
+            greedy_decode(model, images, mask)  # warm-up outside the trace
+            with profiler(activities=activities) as trace:
+                greedy_decode(model, images, mask)
+                synchronize(device)
+        print(f"\n### One greedy decoding call of {len(images)} images, {name}, by {sort_by}\n")
+        print(trace.key_averages().table(sort_by=sort_by, row_limit=15))
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -119,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="race", help="model and mixture (default: race)")
     parser.add_argument("--compile", action="store_true", help="time the training step under torch.compile")
     parser.add_argument("--quick", action="store_true", help="a few small batches: checks the script, measures little")
+    parser.add_argument("--profile", action="store_true", help="then print where a training step and a decoding call spend their time")
     parser.add_argument("--batch", type=int, default=None, help=f"batch size (default {FULL.batch}, {QUICK.batch} with --quick)")
     parser.add_argument("--checkpoint", default=None, help="decode with these trained weights instead of a fresh model")
     parser.add_argument("--data-root", default=None, help="MNIST root (default $DIGIT_READER_DATA or data/mnist)")
@@ -158,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| measurement | throughput |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
+    if args.profile:
+        profile(model, cfg, batches, device)
     print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")
 
 

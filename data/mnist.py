@@ -57,6 +57,11 @@ class DigitPool:
             self._distance = np.zeros((len(self), 28, 28), dtype=np.float16)
             self._distance_known = np.zeros(len(self), dtype=bool)
         todo = np.unique(indices[~self._distance_known[indices]])
+        if len(todo) and not hasattr(cv2, "ximgproc"):
+            raise ImportError(
+                "drawn-style digits need OpenCV's contrib module ximgproc (Zhang-Suen thinning), which this OpenCV lacks: "
+                "pip uninstall opencv-python opencv-python-headless, then pip install opencv-contrib-python-headless"
+            )
         images = self.images.numpy()
         for i in todo:
             ink = np.where(images[i] > 100, 255, 0).astype(np.uint8)

@@ -1,5 +1,6 @@
 from dataclasses import replace
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -117,3 +118,11 @@ def test_missing_dataset_names_the_folder_and_the_fix(tmp_path, monkeypatch):
         load_pools(tmp_path / "nowhere")
     message = str(info.value)
     assert "nowhere" in message and "DIGIT_READER_DATA" in message and "--data-root" in message
+
+
+def test_drawn_strokes_without_opencv_contrib_say_what_to_install(pools, monkeypatch):
+    pool = pools["train"]
+    fresh = DigitPool(pool.images[:4], pool.labels[:4], pool.split, pool.indices[:4])
+    monkeypatch.delattr(cv2, "ximgproc")
+    with pytest.raises(ImportError, match="opencv-contrib-python-headless"):
+        fresh.skeleton_distance(np.arange(4))
