@@ -37,7 +37,7 @@ def test_tiny_model_overfits_one_batch(pools):
 
 def test_loader_workers_deliver_every_step_once_in_order(pools):
     # The parent first runs OpenCV on several threads, as training does when it builds the validation set:
-    # forked workers then hung at their first OpenCV call.
+    # forked workers then hung setting OpenCV's thread count.
     threads = cv2.getNumThreads()
     cv2.setNumThreads(2)
     for _ in range(3):

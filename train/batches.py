@@ -266,8 +266,9 @@ class TrainingStream(torch.utils.data.IterableDataset):
 def step_loader(maker: BatchMaker, start_step: int, end_step: int, workers: int) -> torch.utils.data.DataLoader:
     """Steps start_step .. end_step - 1 of maker's stream, made in the loop (workers=0) or by worker processes ahead of it.
 
-    Workers are spawned, not forked: OpenCV's thread pool does not survive a fork, and a forked worker hung
-    at its first OpenCV call once the parent had run OpenCV in parallel (it does, building the validation set).
+    Workers are spawned, not forked. A forked worker inherits OpenCV's thread pool in whatever state the
+    parent left it. The parent runs OpenCV on several threads when it builds the validation set, and after
+    that a forked worker hung in `cv2.setNumThreads`. A spawned worker starts clean.
     """
     return torch.utils.data.DataLoader(
         TrainingStream(maker, start_step, end_step), batch_size=None, num_workers=workers,
