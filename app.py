@@ -83,8 +83,10 @@ def choose_reader() -> SequenceReader:
         st.stop()
     training, metrics = reader.meta.get("training", {}), reader.meta.get("metrics", {})
     exact = metrics.get("val_exact_match", {}).get("mean")
+    # A fine-tune's record counts its own steps only: say so, or its steps read as the model's whole training.
+    tuned = " of fine-tuning earlier weights" if training.get("config", {}).get("init_from") else ""
     st.sidebar.caption(
-        f"Model: {path.name}, {training.get('step', '?')} training steps"
+        f"Model: {path.name}, {training.get('step', '?')} training steps{tuned}"
         + (f", {exact:.0%} of validation sequences read exactly." if exact is not None else ".")
     )
     return reader

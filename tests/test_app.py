@@ -127,6 +127,13 @@ def test_empty_canvas_shows_hint_not_error(app: AppTest) -> None:
     assert app.slider[0].value == 16  # the brush width
 
 
+def test_the_sidebar_says_a_fine_tuned_checkpoint_was_fine_tuned(app: AppTest, reader: SequenceReader) -> None:
+    training = reader.meta["training"]
+    assert training["config"]["init_from"], "the shipped checkpoint (v9) is v5 fine-tuned"
+    expected = f"{training['step']} training steps of fine-tuning earlier weights"
+    assert any(expected in caption.value for caption in app.sidebar.caption)
+
+
 def test_uploaded_png_is_read_with_confidence_beam_and_attention(app: AppTest, reader: SequenceReader) -> None:
     upload(app, EXAMPLE_PNG.name, EXAMPLE_PNG.read_bytes())
     assert not app.exception and not app.error
