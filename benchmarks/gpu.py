@@ -78,9 +78,9 @@ def make_batches(cfg: TrainConfig, plan: Plan, data_root: str | None) -> tuple[l
     return batches, plan.batch * plan.distinct_batches / (time.perf_counter() - began)
 
 
-def training_rate(model: torch.nn.Module, cfg: TrainConfig, batches: list[list[Batch]], plan: Plan, device: torch.device,
-                  compile_model: bool) -> float:
-    """Training samples/s of the train() step: forward, backward, clipping and AdamW."""
+def training_steps(model: torch.nn.Module, cfg: TrainConfig, batches: list[list[Batch]], device: torch.device,
+                   compile_model: bool = False) -> Callable[[int], None]:
+    """step(i): the train() step i of `model` (forward, backward, clipping, AdamW) on batches[i % len(batches)]."""
     optimizer = make_optimizer(model, cfg)
     step_model = cast(torch.nn.Module, torch.compile(model)) if compile_model else model
     place, autocast = Placement(0, 1, device), mixed_precision(device)
@@ -89,6 +89,13 @@ def training_rate(model: torch.nn.Module, cfg: TrainConfig, batches: list[list[B
     def step(i: int) -> None:
         training_step(step_model, optimizer, batches[i % len(batches)], cfg, learning_rate(cfg, i), place, autocast)
 
+    return step
+
+
+def training_rate(model: torch.nn.Module, cfg: TrainConfig, batches: list[list[Batch]], plan: Plan, device: torch.device,
+                  compile_model: bool) -> float:
+    """Training samples/s of the train() step: forward, backward, clipping and AdamW."""
+    step = training_steps(model, cfg, batches, device, compile_model)
     timed(device, plan.warmup_steps, step)
     return plan.batch * plan.train_steps / timed(device, plan.train_steps, step)
 
@@ -116,18 +123,16 @@ def profile(model: DigitReader, cfg: TrainConfig, batches: list[list[Batch]], de
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    trained = copy.deepcopy(model).train()  # decoding below reads the weights it was given
-    optimizer = make_optimizer(trained, cfg)
-    place, autocast = Placement(0, 1, device), mixed_precision(device)
-    precisions = [("fp32", nullcontext())] + ([("bf16 autocast", autocast)] if device.type == "cuda" else [])
+    step = training_steps(copy.deepcopy(model), cfg, batches, device)  # decoding below reads the weights it was given
     with profiler(activities=activities) as trace:
         for i in range(3):
-            training_step(trained, optimizer, batches[i % len(batches)], cfg, cfg.lr, place, autocast)
+            step(i)
         synchronize(device)
     print(f"\n### Three training steps, by {sort_by}\n")
     print(trace.key_averages().table(sort_by=sort_by, row_limit=15))
     model.eval()
     images, mask = batches[0][0].images.to(device), batches[0][0].pixel_mask.to(device)
+    precisions = [("fp32", nullcontext())] + ([("bf16 autocast", mixed_precision(device))] if device.type == "cuda" else [])
     for name, precision in precisions:
         with torch.inference_mode(), precision:
             greedy_decode(model, images, mask)  # warm-up outside the trace
