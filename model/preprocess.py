@@ -572,6 +572,82 @@ def _frame_lines(labels: np.ndarray, stats: np.ndarray, removed: np.ndarray) -> 
     return lines
 
 
+DASH_GAP = 15  # px: `_boxes_around_ink` joins the dashes of a border across gaps shorter than this
+
+
+def _boxes_around_ink(rest: np.ndarray) -> np.ndarray:
+    """Pixels of boxes drawn around other ink (a form field, a table cell) that `_frame_lines` misses: a
+    dashed or noise-broken border, whose pieces are many and none of them a frame. Dashes are joined along
+    rows and along columns (gaps under DASH_GAP px), and a joined piece is a box when, in its minimum-area
+    rectangle (which turns with the page):
+    - each of the four sides has ink along 85% of its length, within a fifth of the short side;
+    - its strokes are thin: a band 1.5 times their median thickness is under 0.15 of the short side (the
+      flat sides of a boxy 0 are thick);
+    - it holds other ink: pieces whose centres lie inside, or a tenth of its pixels off its sides (digits
+      joined to it).
+    Of a box go the pieces of `rest` lying mostly (80%) on its sides, and of a piece that a digit joins
+    (half of it on the sides), the side pixels. Pieces too small to hold a digit, and pieces that neither
+    hold another's centre in their box nor span half the ink, are not looked at: most images have none left.
+    """
+    found = np.zeros(rest.shape, bool)
+    ink = rest.astype(np.uint8)
+    joined = np.maximum(cv2.morphologyEx(ink, cv2.MORPH_CLOSE, np.ones((1, DASH_GAP), np.uint8)),
+                        cv2.morphologyEx(ink, cv2.MORPH_CLOSE, np.ones((DASH_GAP, 1), np.uint8)))
+    count, labels, stats, centres = cv2.connectedComponentsWithStats(cv2.morphologyEx(joined, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8)))
+    if count < 2:
+        return found
+    left, top, width, height = (stats[1:, k] for k in range(4))
+    holds_centre = ((centres[None, 1:, 0] > left[:, None]) & (centres[None, 1:, 0] < (left + width)[:, None])
+                    & (centres[None, 1:, 1] > top[:, None]) & (centres[None, 1:, 1] < (top + height)[:, None])).sum(1) > 1
+    span = (int((left + width).max()) - int(left.min())) * (int((top + height).max()) - int(top.min()))
+    for index in 1 + np.flatnonzero((holds_centre | (width * height >= 0.5 * span)) & (width >= 24) & (height >= 16)):
+        x0, y0, w, h = (int(v) for v in stats[index, :4])
+        piece = labels[y0 : y0 + h, x0 : x0 + w] == index
+        # A quick look first: a box has ink along most of each edge of its own bounding box.
+        edge_h, edge_w = max(2, h // 5), max(2, w // 5)
+        edges = (piece[:edge_h].any(0), piece[-edge_h:].any(0), piece[:, :edge_w].any(1), piece[:, -edge_w:].any(1))
+        if min(float(edge.mean()) for edge in edges) < 0.8:
+            continue
+        ys, xs = np.nonzero(piece)
+        (cx, cy), (long_x, long_y), angle = cv2.minAreaRect(np.stack([xs, ys], 1).astype(np.float32))
+        short = min(long_x, long_y)
+        if short < 16:
+            continue
+        # Each pixel's place in the rectangle's own axes (u along long_x, v along long_y), and its distance to each side.
+        cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+        u, v = (xs - cx) * cos + (ys - cy) * sin, (ys - cy) * cos - (xs - cx) * sin
+        to_side_u, to_side_v = long_x / 2 - np.abs(u), long_y / 2 - np.abs(v)
+        thickness = []
+        for to_side, along, across, length in ((to_side_u, v, u, long_y), (to_side_v, u, v, long_x)):
+            for sign in (1, -1):
+                near = (to_side <= 0.2 * short) & (across * sign > 0)
+                counts = np.bincount(np.clip(np.round(along[near] + length / 2).astype(np.intp), 0, int(length) + 1),
+                                     minlength=int(length) + 2)
+                if np.count_nonzero(counts) < 0.85 * length:
+                    break
+                thickness.append(float(np.median(counts[counts > 0])))
+        if len(thickness) < 4:
+            continue
+        band = max(3.0, 1.5 * max(thickness))
+        if band > 0.15 * short:
+            continue
+        on_sides = np.minimum(to_side_u, to_side_v) <= band
+        centre_u = (centres[1:, 0] - x0 - cx) * cos + (centres[1:, 1] - y0 - cy) * sin
+        centre_v = (centres[1:, 1] - y0 - cy) * cos - (centres[1:, 0] - x0 - cx) * sin
+        inside = (np.abs(centre_u) < long_x / 2 - band) & (np.abs(centre_v) < long_y / 2 - band)
+        inside[index - 1] = False
+        if not inside.any() and np.count_nonzero(~on_sides) < 0.1 * len(xs):
+            continue
+        sides = np.zeros((h, w), bool)
+        sides[ys[on_sides], xs[on_sides]] = True
+        own = rest[y0 : y0 + h, x0 : x0 + w] & piece
+        pieces, own_labels = cv2.connectedComponents(own.astype(np.uint8), connectivity=8)
+        share = np.bincount(own_labels[own & sides], minlength=pieces) / np.maximum(np.bincount(own_labels.ravel(), minlength=pieces), 1)
+        share[0] = 0.0
+        found[y0 : y0 + h, x0 : x0 + w] |= (share >= 0.8)[own_labels] | ((share >= 0.5)[own_labels] & sides)
+    return found
+
+
 def _profile_has_run(ink: np.ndarray, gap: int, run: int, horizontal: bool) -> bool:
     """Whether `run` columns in a row (rows, for vertical lines) hold ink once breaks under `gap` are closed:
     a test on the ink's 1D profile that `_long_lines`' 2D closing and erosion can only pass when it does.
@@ -710,8 +786,9 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
 
     Lines spanning most of the image (80% of its side) go first, unless they are all the ink (a single
     "1" drawn as tall as its canvas is a digit); the digit height is then measured on what is left less
-    the tops and bottoms of frames (`_frame_lines`), which go, and straight strokes longer than 2.5 digit
-    heights (1.8 for vertical ones: no digit stroke is that tall) go too. Where a digit's stroke crosses
+    the tops and bottoms of frames (`_frame_lines`) and dashed or broken boxes around ink
+    (`_boxes_around_ink`), which go, and straight strokes longer than 2.5 digit heights (1.8 for vertical
+    ones: no digit stroke is that tall) go too. Where a digit's stroke crosses
     a removed line, the line's pixels between the stroke's two sides are put back, and the short sides of
     a frame whose long sides went go too (`_frame_sides`). Where such lines are found, fainter ones are
     looked for too, on a smoothed mask at a lower level (FAINT_INK).
@@ -736,7 +813,7 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
         return x, mask, (), 0.0
     count, labels, stats, _ = cv2.connectedComponentsWithStats(rest.astype(np.uint8), connectivity=8)
     # Measure the digits without the frames around them: a cell's border is taller than its digits.
-    frames = _frame_lines(labels, stats, across)
+    frames = _frame_lines(labels, stats, across) | _boxes_around_ink(rest)
     all_ink = not frames.any() or not (rest & ~frames).any()
     digit = estimate_digit_height(rest if all_ink else rest & ~frames)
     shorter_across = _long_lines(rest, round(2.5 * digit), True) | frames

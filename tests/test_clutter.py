@@ -1,6 +1,8 @@
 """Photos of paper with more on it than digits: rules, cell borders, scan margins, stray marks, a turned
 page and coloured paper must leave the model input the digits alone, at the digits' own scale."""
 
+import itertools
+
 import cv2
 import numpy as np
 import pytest
@@ -197,6 +199,44 @@ def test_a_field_seen_at_a_slant_loses_its_slanted_sides(paper_strip):
     assert "lines" in messy.removed
     assert abs(messy.image.shape[1] - clean.image.shape[1]) <= 4
     assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 3
+
+
+def dashed_rectangle(image: np.ndarray, corners: tuple[int, int, int, int], dash: int, gap: int, value: float, thickness: int) -> None:
+    """Draw the border of (left, top, right, bottom) as dashes `dash` px long with `gap` px between them."""
+    left, top, right, bottom = corners
+    loop = [(left, top), (right, top), (right, bottom), (left, bottom), (left, top)]
+    for (x0, y0), (x1, y1) in itertools.pairwise(loop):
+        length = max(abs(x1 - x0), abs(y1 - y0))
+        for offset in range(0, length, dash + gap):
+            a, b = offset / length, min(offset + dash, length) / length
+            cv2.line(image, (round(x0 + a * (x1 - x0)), round(y0 + a * (y1 - y0))), (round(x0 + b * (x1 - x0)), round(y0 + b * (y1 - y0))),
+                     value, thickness)
+
+
+def test_a_dashed_field_border_goes(paper_strip):
+    """A field printed as a dashed line: each dash is a piece of its own, shorter than any digit, and the
+    line search cannot step over the gaps; joined, the dashes make a box round the digits, and it goes."""
+    paper, _ = paper_strip
+    top, bottom, left, right = ink_box(paper)
+    field = paper.copy()
+    dashed_rectangle(field, (left - 25, top - 20, right + 25, bottom + 20), dash=12, gap=7, value=0.1, thickness=3)
+    field = cv2.GaussianBlur(field, (3, 3), 0.8)
+    clean, messy = preprocess_array(paper, 16.0), preprocess_array(field, 16.0)
+    assert "lines" in messy.removed
+    assert messy.digit_height == pytest.approx(clean.digit_height, rel=0.1)
+    assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 3
+    assert abs(messy.image.shape[1] - clean.image.shape[1]) <= 4
+
+
+def test_a_thin_square_zero_after_a_one_is_a_digit_not_a_box():
+    """"10" with the 0 written as a thin square: four straight sides like a field's border, and most of the
+    ink's extent, but it holds nothing, so it stays."""
+    paper = np.ones((200, 260), np.float32)
+    cv2.line(paper, (80, 70), (80, 130), 0.0, 4)
+    cv2.rectangle(paper, (100, 72), (148, 128), 0.0, 4)
+    out = preprocess_array(paper, 16.0)
+    assert out.removed == ()
+    assert out.image.shape[1] >= out.image.shape[0]  # both digits (the 1 alone would be a third as wide)
 
 
 def test_a_wide_flat_zero_is_a_digit_not_a_frame():
