@@ -575,7 +575,15 @@ def _frame_lines(labels: np.ndarray, stats: np.ndarray, removed: np.ndarray) -> 
 DASH_GAP = 15  # px: `_boxes_around_ink` joins the dashes of a border across gaps shorter than this
 
 
-def _boxes_around_ink(rest: np.ndarray) -> np.ndarray:
+def _holds_a_centre(stats: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """For each piece of a labelling (`cv2.connectedComponentsWithStats`' stats and centres, background
+    included), whether its box holds another piece's centre."""
+    left, top, width, height = (stats[1:, k, None] for k in range(4))
+    x, y = centres[None, 1:, 0], centres[None, 1:, 1]
+    return ((x > left) & (x < left + width) & (y > top) & (y < top + height)).sum(1) > 1
+
+
+def _boxes_around_ink(rest: np.ndarray, stats: np.ndarray, centres: np.ndarray) -> np.ndarray:
     """Pixels of boxes drawn around other ink (a form field, a table cell) that `_frame_lines` misses: a
     dashed or noise-broken border, whose pieces are many and none of them a frame. Dashes are joined along
     rows and along columns (gaps under DASH_GAP px), and a joined piece is a box when, in its minimum-area
@@ -586,27 +594,29 @@ def _boxes_around_ink(rest: np.ndarray) -> np.ndarray:
     - it holds other ink: pieces whose centres lie inside, or a tenth of its pixels off its sides (digits
       joined to it).
     Of a box go the pieces of `rest` lying mostly (80%) on its sides, and of a piece that a digit joins
-    (half of it on the sides), the side pixels. Pieces too small to hold a digit, and pieces that neither
-    hold another's centre in their box nor span half the ink, are not looked at: most images have none left.
+    (half of it on the sides), the side pixels.
+    Most images hold no box, and the search is skipped unless the pieces of `rest` (their `stats` and
+    `centres`) hint at one: six pieces under 0.3 of the tallest's height (dashes), or a piece whose box
+    holds another's centre. Of the joined pieces, only those that hold another's centre or span half
+    the ink, and are big enough to hold a digit, are looked at.
     """
     found = np.zeros(rest.shape, bool)
+    heights = stats[1:, cv2.CC_STAT_HEIGHT]
+    if len(heights) < 2 or (np.count_nonzero(heights < 0.3 * heights.max()) < 6 and not _holds_a_centre(stats, centres).any()):
+        return found
     ink = rest.astype(np.uint8)
     joined = np.maximum(cv2.morphologyEx(ink, cv2.MORPH_CLOSE, np.ones((1, DASH_GAP), np.uint8)),
                         cv2.morphologyEx(ink, cv2.MORPH_CLOSE, np.ones((DASH_GAP, 1), np.uint8)))
-    count, labels, stats, centres = cv2.connectedComponentsWithStats(cv2.morphologyEx(joined, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8)))
-    if count < 2:
-        return found
+    _, labels, stats, centres = cv2.connectedComponentsWithStats(cv2.morphologyEx(joined, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8)))
     left, top, width, height = (stats[1:, k] for k in range(4))
-    holds_centre = ((centres[None, 1:, 0] > left[:, None]) & (centres[None, 1:, 0] < (left + width)[:, None])
-                    & (centres[None, 1:, 1] > top[:, None]) & (centres[None, 1:, 1] < (top + height)[:, None])).sum(1) > 1
     span = (int((left + width).max()) - int(left.min())) * (int((top + height).max()) - int(top.min()))
-    for index in 1 + np.flatnonzero((holds_centre | (width * height >= 0.5 * span)) & (width >= 24) & (height >= 16)):
+    for index in 1 + np.flatnonzero((_holds_a_centre(stats, centres) | (width * height >= 0.5 * span)) & (width >= 24) & (height >= 16)):
         x0, y0, w, h = (int(v) for v in stats[index, :4])
         piece = labels[y0 : y0 + h, x0 : x0 + w] == index
         # A quick look first: a box has ink along most of each edge of its own bounding box.
         edge_h, edge_w = max(2, h // 5), max(2, w // 5)
         edges = (piece[:edge_h].any(0), piece[-edge_h:].any(0), piece[:, :edge_w].any(1), piece[:, -edge_w:].any(1))
-        if min(float(edge.mean()) for edge in edges) < 0.8:
+        if min(float(edge.mean()) for edge in edges) < 0.6:
             continue
         ys, xs = np.nonzero(piece)
         (cx, cy), (long_x, long_y), angle = cv2.minAreaRect(np.stack([xs, ys], 1).astype(np.float32))
@@ -811,9 +821,9 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     rest = mask & ~(across | down)
     if not rest.any():  # all of it: the "lines" are the writing
         return x, mask, (), 0.0
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(rest.astype(np.uint8), connectivity=8)
+    count, labels, stats, centres = cv2.connectedComponentsWithStats(rest.astype(np.uint8), connectivity=8)
     # Measure the digits without the frames around them: a cell's border is taller than its digits.
-    frames = _frame_lines(labels, stats, across) | _boxes_around_ink(rest)
+    frames = _frame_lines(labels, stats, across) | _boxes_around_ink(rest, stats, centres)
     all_ink = not frames.any() or not (rest & ~frames).any()
     digit = estimate_digit_height(rest if all_ink else rest & ~frames)
     shorter_across = _long_lines(rest, round(2.5 * digit), True) | frames
