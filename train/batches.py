@@ -10,6 +10,7 @@ without sharing any state with it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import cv2
@@ -19,7 +20,7 @@ import torch
 from data.mnist import DigitPool
 from data.synth import MNIST_DIGIT_HEIGHT, STYLES, DigitBank, Sample, SequenceSynth, canonical_digits
 from model.network import BOS, EOS, PAD, ModelConfig
-from model.preprocess import MARGIN, NoInkError, batch_images, preprocess_array
+from model.preprocess import MARGIN, NoInkError, Preprocessed, batch_images, preprocess_array
 
 IGNORE = -100  # target value the loss skips
 
@@ -45,18 +46,23 @@ def sequence_tensors(digits: list[list[int]]) -> tuple[torch.Tensor, torch.Tenso
     return torch.from_numpy(tokens), torch.from_numpy(targets)
 
 
-def canonical_images(samples: list[Sample], model: ModelConfig) -> list[np.ndarray]:
+def canonical_images(
+    samples: list[Sample], model: ModelConfig, preprocess: Callable[..., Preprocessed] = preprocess_array,
+    no_ink: type[Exception] = NoInkError,
+) -> list[np.ndarray]:
     """Raw samples preprocessed exactly as user images are, for the model `model` describes.
 
     A sample whose ink vanished (possible only under extreme contrast and noise)
     falls back to a blank digit-sized image, which the model must read as whatever
-    it holds; this happens in well under 0.1% of samples.
+    it holds; this happens in well under 0.1% of samples. `preprocess` (raising
+    `no_ink` for a blank image) is `model.preprocess.preprocess_array` unless another
+    version of it is compared (benchmarks.preprocessing).
     """
     out = []
     for sample in samples:
         try:
-            out.append(preprocess_array(sample.image, model.digit_height, model.max_size).image)
-        except NoInkError:
+            out.append(preprocess(sample.image, model.digit_height, model.max_size).image)
+        except no_ink:
             side = int(model.digit_height) + 2 * MARGIN
             out.append(np.zeros((side, side), dtype=np.float32))
     return out
