@@ -38,6 +38,15 @@ def ink_shape(image: np.ndarray) -> tuple[int, int]:
     return out.shape
 
 
+def assert_only_the_digits_are_left(paper: np.ndarray, cluttered: np.ndarray) -> None:
+    """The cluttered page's model input is the clean page's: lines went, and the digits kept their scale."""
+    clean, messy = preprocess_array(paper, 16.0), preprocess_array(cluttered, 16.0)
+    assert "lines" in messy.removed
+    assert messy.digit_height == pytest.approx(clean.digit_height, rel=0.1)
+    assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 3
+    assert abs(messy.image.shape[1] - clean.image.shape[1]) <= 4
+
+
 def test_rules_a_cell_border_and_scan_margins_do_not_change_the_model_input(paper_strip):
     paper, _ = paper_strip
     h, w = paper.shape
@@ -61,11 +70,7 @@ def test_a_thick_blurred_cell_border_goes_and_the_digits_keep_their_scale(paper_
     framed = paper.copy()
     cv2.rectangle(framed, (left - 16, top - 14), (right + 16, bottom + 14), 0.1, 9)
     framed = cv2.GaussianBlur(framed, (5, 5), 1.5)
-    clean, messy = preprocess_array(paper, 16.0), preprocess_array(framed, 16.0)
-    assert "lines" in messy.removed
-    assert messy.digit_height == pytest.approx(clean.digit_height, rel=0.1)
-    assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 3
-    assert abs(messy.image.shape[1] - clean.image.shape[1]) <= 4
+    assert_only_the_digits_are_left(paper, framed)
 
 
 def test_a_cell_under_a_rule_across_the_page_loses_its_sides(paper_strip):
@@ -178,11 +183,7 @@ def test_a_thin_field_broken_at_a_corner_over_a_rule_goes(paper_strip):
     cv2.line(field, (box_right, box_top + 4), (box_right, box_bottom), 0.1, 2)
     cv2.line(field, (0, box_bottom + 6), (paper.shape[1], box_bottom + 6), 0.1, 12)
     field = cv2.GaussianBlur(field, (5, 5), 1.5)
-    clean, messy = preprocess_array(paper, 16.0), preprocess_array(field, 16.0)
-    assert "lines" in messy.removed
-    assert messy.digit_height == pytest.approx(clean.digit_height, rel=0.1)
-    assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 3
-    assert abs(messy.image.shape[1] - clean.image.shape[1]) <= 4
+    assert_only_the_digits_are_left(paper, field)
 
 
 def test_a_field_seen_at_a_slant_loses_its_slanted_sides(paper_strip):
@@ -221,11 +222,7 @@ def test_a_dashed_field_border_goes(paper_strip):
     field = paper.copy()
     dashed_rectangle(field, (left - 25, top - 20, right + 25, bottom + 20), dash=12, gap=7, value=0.1, thickness=3)
     field = cv2.GaussianBlur(field, (3, 3), 0.8)
-    clean, messy = preprocess_array(paper, 16.0), preprocess_array(field, 16.0)
-    assert "lines" in messy.removed
-    assert messy.digit_height == pytest.approx(clean.digit_height, rel=0.1)
-    assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 3
-    assert abs(messy.image.shape[1] - clean.image.shape[1]) <= 4
+    assert_only_the_digits_are_left(paper, field)
 
 
 def test_a_thin_square_zero_after_a_one_is_a_digit_not_a_box():
