@@ -583,6 +583,14 @@ def _holds_a_centre(stats: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return ((x > left) & (x < left + width) & (y > top) & (y < top + height)).sum(1) > 1
 
 
+def _rectangle_axes(x: np.ndarray, y: np.ndarray, centre: tuple[float, float], angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """Points (x, y) in the axes of a rectangle `cv2.minAreaRect` gives (its centre, turned by `angle` degrees):
+    u along its first side, v along its second, both from its centre."""
+    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    dx, dy = x - centre[0], y - centre[1]
+    return dx * cos + dy * sin, dy * cos - dx * sin
+
+
 def _boxes_around_ink(rest: np.ndarray, stats: np.ndarray, centres: np.ndarray) -> np.ndarray:
     """Pixels of boxes drawn around other ink (a form field, a table cell) that `_frame_lines` misses: a
     dashed or noise-broken border, whose pieces are many and none of them a frame. Dashes are joined along
@@ -624,8 +632,7 @@ def _boxes_around_ink(rest: np.ndarray, stats: np.ndarray, centres: np.ndarray) 
         if short < 16:
             continue
         # Each pixel's place in the rectangle's own axes (u along long_x, v along long_y), and its distance to each side.
-        cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-        u, v = (xs - cx) * cos + (ys - cy) * sin, (ys - cy) * cos - (xs - cx) * sin
+        u, v = _rectangle_axes(xs, ys, (cx, cy), angle)
         to_side_u, to_side_v = long_x / 2 - np.abs(u), long_y / 2 - np.abs(v)
         thickness = []
         for to_side, along, across, length in ((to_side_u, v, u, long_y), (to_side_v, u, v, long_x)):
@@ -642,8 +649,7 @@ def _boxes_around_ink(rest: np.ndarray, stats: np.ndarray, centres: np.ndarray) 
         if band > 0.15 * short:
             continue
         on_sides = np.minimum(to_side_u, to_side_v) <= band
-        centre_u = (centres[1:, 0] - x0 - cx) * cos + (centres[1:, 1] - y0 - cy) * sin
-        centre_v = (centres[1:, 1] - y0 - cy) * cos - (centres[1:, 0] - x0 - cx) * sin
+        centre_u, centre_v = _rectangle_axes(centres[1:, 0] - x0, centres[1:, 1] - y0, (cx, cy), angle)
         inside = (np.abs(centre_u) < long_x / 2 - band) & (np.abs(centre_v) < long_y / 2 - band)
         inside[index - 1] = False
         if not inside.any() and np.count_nonzero(~on_sides) < 0.1 * len(xs):
