@@ -324,21 +324,43 @@ def _join_detached_strokes(mask: np.ndarray, bands: list[tuple[int, int]]) -> li
 
 
 def estimate_digit_height(mask: np.ndarray) -> float:
-    """Median ink height of the column-separated pieces of each text line."""
-    heights = []
+    """Median ink height of the column-separated pieces of each text line.
+
+    Unless the mask holds what it keeps of a faint rule or table line: six or more flat dashes (pieces
+    twice as wide as tall and under a quarter of the tallest piece's height). Such dashes join the
+    columns of the digits they run past into one piece as tall as the rules around them; where a piece
+    is that wide (as wide as tall) and the measure comes out over 1.4 times the median height of the
+    mask's connected pieces, that median is the height. It counts pieces at least 0.15 times as wide as
+    tall (not the dashes of a line across the text) and 0.4 of the tallest of them (not specks).
+    """
+    heights, widths = [], []
     for top, bottom in text_lines(mask):
         band = mask[top:bottom]
         columns = np.asarray(band.any(axis=0))
         # Per column, the first and last ink row; per piece (run of ink columns), their extremes.
         first = np.where(columns, band.argmax(axis=0), band.shape[0])
         last = np.where(columns, band.shape[0] - band[::-1].argmax(axis=0), 0)
-        starts = np.array([start for start, _ in _runs(columns)], dtype=np.intp)
+        runs = _runs(columns)
+        starts = np.array([start for start, _ in runs], dtype=np.intp)
         heights.append(np.maximum.reduceat(last, starts) - np.minimum.reduceat(first, starts))
+        widths.append(np.array([end - start for start, end in runs]))
     heights_arr = np.concatenate(heights).astype(np.float32)
-    tall_enough = heights_arr[heights_arr >= 0.4 * heights_arr.max()]  # ignore dots and specks
-    ordered = np.sort(tall_enough)
+    tall_enough = heights_arr >= 0.4 * heights_arr.max()  # ignore dots and specks
+    ordered = np.sort(heights_arr[tall_enough])
     middle = len(ordered) // 2
-    return float(ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2)  # the median
+    by_line = float(ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2)  # the median
+    if not (np.concatenate(widths) >= heights_arr)[tall_enough].any():
+        return by_line
+    stats = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)[2][1:]
+    width, height = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
+    if np.count_nonzero((width >= 2 * height) & (height < 0.25 * height.max())) < 6:
+        return by_line
+    upright = height[width >= 0.15 * height]  # not a dash of a line across the text (nor a straight 1)
+    upright = upright[upright >= 0.4 * upright.max()] if len(upright) else upright
+    if len(upright) < 2:
+        return by_line
+    by_piece = float(np.median(upright))
+    return by_piece if 1.4 * by_piece < by_line else by_line
 
 
 def dark_ink(gray: np.ndarray) -> bool:
@@ -560,8 +582,9 @@ def _frame_lines(labels: np.ndarray, stats: np.ndarray, removed: np.ndarray) -> 
             if w >= 1.5 * h or holds_ink:
                 lines[top : top + h, left : left + w] |= found
             continue
-        taken_above = top > 0 and removed[max(0, top - 6) : top, left : left + w].any(0).mean() >= 0.8
-        taken_below = removed[top + h : top + h + 6, left : left + w].any(0).mean() >= 0.8 if top + h < len(removed) else False
+        reach = max(6, math.ceil(h / 8))  # a thick rule's removal can leave its edge rows: look past them
+        taken_above = top > 0 and removed[max(0, top - reach) : top, left : left + w].any(0).mean() >= 0.8
+        taken_below = removed[top + h : top + h + reach, left : left + w].any(0).mean() >= 0.8 if top + h < len(removed) else False
         one_side = (bands[0][0] < h / 4 and taken_below) or (bands[-1][1] > h - h / 4 and taken_above)
         if holds_ink and one_side:
             edge = math.ceil(h / 8)

@@ -186,6 +186,40 @@ def test_a_thin_field_broken_at_a_corner_over_a_rule_goes(paper_strip):
     assert_only_the_digits_are_left(paper, field)
 
 
+def test_a_field_standing_on_a_thick_rule_goes(paper_strip):
+    """A thin field whose bottom is a rule across the page, thicker than the field's lines: the rule's removal
+    can leave its top rows, a gap of a few pixels between what went and the field's sides, which must not
+    hide that the field's bottom went with the rule."""
+    paper, _ = paper_strip
+    top, bottom, left, right = ink_box(paper)
+    field = paper.copy()
+    box_top, box_bottom, box_left, box_right = top - 40, bottom + 20, left - 25, right + 25
+    cv2.line(field, (box_left, box_top), (box_right - 2, box_top), 0.1, 2)
+    cv2.line(field, (box_left, box_top), (box_left, box_bottom), 0.1, 2)
+    cv2.line(field, (box_right, box_top + 4), (box_right, box_bottom), 0.1, 2)
+    cv2.line(field, (0, box_bottom + 12), (paper.shape[1], box_bottom + 16), 0.1, 24)  # a page turned by half a degree
+    field = cv2.GaussianBlur(field, (5, 5), 1.5)
+    assert_only_the_digits_are_left(paper, field)
+
+
+def test_digits_between_broken_table_lines_keep_their_scale(paper_strip):
+    """A table's faint lines around the digits, broken by grain into dashes with gaps too long for any line
+    search: they stay, but measured by text line the dashes above and below would join the digits' columns
+    into pieces as tall as the lines are apart, and the digits would shrink by as much."""
+    paper, _ = paper_strip
+    top, bottom, left, right = ink_box(paper)
+    table = paper.copy()
+    dash, period = 40, 58
+    for y, start in ((top - 25, 0), (bottom + 25, period // 2)):  # the two rules' dashes cover every column between them
+        for x in range(start, paper.shape[1] - 10, period):
+            cv2.line(table, (x, y), (x + dash, y), 0.2, 2)
+    for x in (left - 20, right + 20):  # the table's columns join the rules and the digits into one text line
+        for y in range(0, paper.shape[0] - 10, period):
+            cv2.line(table, (x, y), (x, y + dash), 0.2, 2)
+    clean, messy = preprocess_array(paper, 16.0), preprocess_array(table, 16.0)
+    assert messy.digit_height == pytest.approx(clean.digit_height, rel=0.1)
+
+
 def test_a_field_seen_at_a_slant_loses_its_slanted_sides(paper_strip):
     """A phone's view turns a field's sides by 20 degrees: each side's box is then wider than a straight
     stroke's, but the stroke is as thin, and it goes once the top and bottom have gone."""
