@@ -823,7 +823,8 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     strokes much longer than a digit), and small marks far from the digits. Returns (x, mask, what went,
     the digit height of the mask returned when it is known, else 0).
 
-    Lines spanning most of the image (80% of its side) go first, unless they are all the ink (a single
+    Lines spanning most of the image (80% of its side, over breaks up to a twentieth of that: a table's
+    column line worn or crossed) go first, unless they are all the ink (a single
     "1" drawn as tall as its canvas is a digit); the digit height is then measured on what is left less
     the tops and bottoms of frames (`_frame_lines`) and dashed or broken boxes around ink
     (`_boxes_around_ink`), which go, and straight strokes longer than 2.5 digit heights (1.8 for vertical
@@ -836,8 +837,9 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     taken when it would take all the ink.
     """
     x0, (h, w) = x, mask.shape
-    across = _long_lines(mask, math.ceil(0.8 * w), True)  # lines that are mostly horizontal
-    down = _long_lines(mask, math.ceil(0.8 * h), False)
+    span_w, span_h = math.ceil(0.8 * w), math.ceil(0.8 * h)
+    across = _long_lines(mask, span_w, True, max_gap=max(2, span_w // 20))  # lines that are mostly horizontal
+    down = _long_lines(mask, span_h, False, max_gap=max(2, span_h // 20))
     if (across | down).any():
         # Paper with rules has fainter ones too: a thin, blurred table line that the ink mask keeps only in
         # pieces, too far apart for one line. Smoothed, with ink at a quarter of the brightest's level, it
@@ -845,8 +847,8 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
         # nothing of them: most of a digit lies off it.
         faint = mask | (cv2.blur(x, (3, 3)) > FAINT_INK)
         rest = mask & ~(across | down)
-        across |= _pieces_on(rest, _long_lines(faint, math.ceil(0.8 * w), True))
-        down |= _pieces_on(rest, _long_lines(faint, math.ceil(0.8 * h), False))
+        across |= _pieces_on(rest, _long_lines(faint, span_w, True))
+        down |= _pieces_on(rest, _long_lines(faint, span_h, False))
     rest = mask & ~(across | down)
     if not rest.any():  # all of it: the "lines" are the writing
         return x, mask, (), 0.0

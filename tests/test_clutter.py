@@ -220,6 +220,18 @@ def test_digits_between_broken_table_lines_keep_their_scale(paper_strip):
     assert messy.digit_height == pytest.approx(clean.digit_height, rel=0.1)
 
 
+def test_table_lines_across_the_page_go_though_they_are_broken(paper_strip):
+    """A table's column lines run the page's height, each broken once (a worn print, a fold): a line across
+    80% of the page is still found where one break is under a twentieth of that length."""
+    paper, _ = paper_strip
+    _, bottom, left, right = ink_box(paper)
+    table = paper.copy()
+    for x, gap_at in ((left - 20, bottom - 10), (right + 20, 30)):
+        cv2.line(table, (x, 0), (x, gap_at), 0.1, 2)
+        cv2.line(table, (x, gap_at + 8), (x, paper.shape[0]), 0.1, 2)
+    assert_only_the_digits_are_left(paper, table)
+
+
 def test_a_field_seen_at_a_slant_loses_its_slanted_sides(paper_strip):
     """A phone's view turns a field's sides by 20 degrees: each side's box is then wider than a straight
     stroke's, but the stroke is as thin, and it goes once the top and bottom have gone."""
