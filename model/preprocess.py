@@ -823,8 +823,9 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     strokes much longer than a digit), and small marks far from the digits. Returns (x, mask, what went,
     the digit height of the mask returned when it is known, else 0).
 
-    Lines spanning most of the image (80% of its side, over breaks up to a twentieth of that: a table's
-    column line worn or crossed) go first, unless they are all the ink (a single
+    Lines spanning most of the image (80% of its side; a column line over breaks up to a twentieth of
+    that, worn or crossed: across the page, digits' strokes in a long line can line up with such gaps)
+    go first, unless they are all the ink (a single
     "1" drawn as tall as its canvas is a digit); the digit height is then measured on what is left less
     the tops and bottoms of frames (`_frame_lines`) and dashed or broken boxes around ink
     (`_boxes_around_ink`), which go, and straight strokes longer than 2.5 digit heights (1.8 for vertical
@@ -838,7 +839,7 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     """
     x0, (h, w) = x, mask.shape
     span_w, span_h = math.ceil(0.8 * w), math.ceil(0.8 * h)
-    across = _long_lines(mask, span_w, True, max_gap=max(2, span_w // 20))  # lines that are mostly horizontal
+    across = _long_lines(mask, span_w, True)  # lines that are mostly horizontal
     down = _long_lines(mask, span_h, False, max_gap=max(2, span_h // 20))
     if (across | down).any():
         # Paper with rules has fainter ones too: a thin, blurred table line that the ink mask keeps only in

@@ -232,6 +232,16 @@ def test_table_lines_across_the_page_go_though_they_are_broken(paper_strip):
     assert_only_the_digits_are_left(paper, table)
 
 
+def test_a_long_line_of_digits_is_not_taken_for_a_rule(pools):
+    """Sixteen clean digits in a line whose strokes line up along a row with short gaps between them: the
+    search for rules across the page must not step over such gaps (only a column line's may), or it takes
+    the digits' strokes for a rule and the digits lose them."""
+    sample = suite_samples("strip-11-16", pools["test"], 512)[323]
+    canonical = preprocess_array(sample.image, 16.0)
+    assert canonical.removed == ()
+    assert canonical.digit_height == pytest.approx(20.0, abs=1.0)
+
+
 def test_a_field_seen_at_a_slant_loses_its_slanted_sides(paper_strip):
     """A phone's view turns a field's sides by 20 degrees: each side's box is then wider than a straight
     stroke's, but the stroke is as thin, and it goes once the top and bottom have gone."""
