@@ -323,7 +323,7 @@ def _join_detached_strokes(mask: np.ndarray, bands: list[tuple[int, int]]) -> li
     return sorted([band for band in bands if band[1] <= top or band[0] >= bottom] + [(top, bottom)])
 
 
-def estimate_digit_height(mask: np.ndarray) -> float:
+def estimate_digit_height(mask: np.ndarray, pieces: np.ndarray | None = None) -> float:
     """Median ink height of the column-separated pieces of each text line.
 
     Unless the mask holds what it keeps of a faint rule or table line: six or more flat dashes (pieces
@@ -332,6 +332,8 @@ def estimate_digit_height(mask: np.ndarray) -> float:
     is that wide (as wide as tall) and the measure comes out over 1.4 times the median height of the
     mask's connected pieces, that median is the height. It counts pieces at least 0.15 times as wide as
     tall (not the dashes of a line across the text) and 0.4 of the tallest of them (not specks).
+    `pieces` are the stats of the mask's connected pieces (`cv2.connectedComponentsWithStats`', less the
+    background's row) where the caller has them; otherwise they are found when needed.
     """
     heights, widths = [], []
     for top, bottom in text_lines(mask):
@@ -351,8 +353,9 @@ def estimate_digit_height(mask: np.ndarray) -> float:
     by_line = float(ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2)  # the median
     if not (np.concatenate(widths) >= heights_arr)[tall_enough].any():
         return by_line
-    stats = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)[2][1:]
-    width, height = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
+    if pieces is None:
+        pieces = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)[2][1:]
+    width, height = pieces[:, cv2.CC_STAT_WIDTH], pieces[:, cv2.CC_STAT_HEIGHT]
     if np.count_nonzero((width >= 2 * height) & (height < 0.25 * height.max())) < 6:
         return by_line
     upright = height[width >= 0.15 * height]  # not a dash of a line across the text (nor a straight 1)
@@ -857,7 +860,7 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     # Measure the digits without the frames around them: a cell's border is taller than its digits.
     frames = _frame_lines(labels, stats, across) | _boxes_around_ink(rest, stats, centres)
     all_ink = not frames.any() or not (rest & ~frames).any()
-    digit = estimate_digit_height(rest if all_ink else rest & ~frames)
+    digit = estimate_digit_height(rest, stats[1:]) if all_ink else estimate_digit_height(rest & ~frames)
     shorter_across = _long_lines(rest, round(2.5 * digit), True) | frames
     shorter_down = _long_lines(rest, round(1.8 * digit), False)
     if (rest & ~(shorter_across | shorter_down)).any():  # never everything: then the "lines" are the writing
