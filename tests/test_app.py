@@ -129,7 +129,7 @@ def test_empty_canvas_shows_hint_not_error(app: AppTest) -> None:
 
 def test_the_sidebar_says_a_fine_tuned_checkpoint_was_fine_tuned(app: AppTest, reader: SequenceReader) -> None:
     training = reader.meta["training"]
-    assert training["config"]["init_from"], "the shipped checkpoint (v10) is v9 fine-tuned"
+    assert training["config"]["init_from"], "the shipped checkpoint (v11) is v10 fine-tuned"
     expected = f"{training['step']} training steps of fine-tuning earlier weights"
     assert any(expected in caption.value for caption in app.sidebar.caption)
 

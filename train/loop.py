@@ -135,7 +135,9 @@ PRESETS: dict[str, TrainConfig] = {
     # A trained reader's weights, an hour more on the default mixture at a fifth of its learning rate, with the stem's
     # BatchNorm frozen and groups cut in two by width as in `default`. Checkpoint v9 is v5 (a default run) then this,
     # started from v5 with `--set init_from=checkpoints/digit-reader.safetensors`: better than v5 on 17 of 19 suites.
-    # v10 is v9 then 5,000 s more of it (`--set time_budget_s=5000`): better than v9 on 14 of 19.
+    # v10 is v9 then 5,000 s more of it (`--set time_budget_s=5000`): better than v9 on 14 of 19. v11 is v10 then
+    # 4,800 s more with a fifth of the images photos of paper, not a tenth (`--set styles=...`, docs/MODEL_CARD.md):
+    # better than v10 on 15 of 19, cells and phone photos most.
     "finetune": TrainConfig(
         model=RACE_MODEL, styles=DEFAULT_STYLES, init_from="runs/default/last.safetensors", freeze_batchnorm=True, splits=2,
         steps=10**6, time_budget_s=3600, lr=3e-4, warmup_steps=50, ramp_steps=0, eval_every=2000, save_every=250,
