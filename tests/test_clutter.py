@@ -170,20 +170,26 @@ def test_a_field_whose_bottom_runs_into_a_scan_margin_goes_with_it(three_digits)
     assert abs(messy.image.shape[0] - clean.image.shape[0]) <= 3
 
 
-def test_a_thin_field_broken_at_a_corner_over_a_rule_goes(paper_strip):
-    """A thin field's top and sides, its bottom lost in a rule across the page and its right side broken off
-    the top: no piece is a frame, and the top joins the digits' columns into one piece as tall as the field,
-    so the digits must be measured without it for the top (and then the sides) to go."""
-    paper, _ = paper_strip
+def field_over_a_rule(paper: np.ndarray, left_drop: int, right_drop: int, thickness: int) -> np.ndarray:
+    """The paper with a thin field's top and sides drawn around its digits, the right side broken off the top,
+    above a rule across the page whose centre is `left_drop` and `right_drop` px under the field's bottom at the
+    page's left and right edges, blurred as a camera would."""
     top, bottom, left, right = ink_box(paper)
     field = paper.copy()
     box_top, box_bottom, box_left, box_right = top - 40, bottom + 20, left - 25, right + 25
     cv2.line(field, (box_left, box_top), (box_right - 2, box_top), 0.1, 2)
     cv2.line(field, (box_left, box_top), (box_left, box_bottom), 0.1, 2)
     cv2.line(field, (box_right, box_top + 4), (box_right, box_bottom), 0.1, 2)
-    cv2.line(field, (0, box_bottom + 6), (paper.shape[1], box_bottom + 6), 0.1, 12)
-    field = cv2.GaussianBlur(field, (5, 5), 1.5)
-    assert_only_the_digits_are_left(paper, field)
+    cv2.line(field, (0, box_bottom + left_drop), (paper.shape[1], box_bottom + right_drop), 0.1, thickness)
+    return cv2.GaussianBlur(field, (5, 5), 1.5)
+
+
+def test_a_thin_field_broken_at_a_corner_over_a_rule_goes(paper_strip):
+    """A thin field's top and sides, its bottom lost in a rule across the page and its right side broken off
+    the top: no piece is a frame, and the top joins the digits' columns into one piece as tall as the field,
+    so the digits must be measured without it for the top (and then the sides) to go."""
+    paper, _ = paper_strip
+    assert_only_the_digits_are_left(paper, field_over_a_rule(paper, 6, 6, 12))
 
 
 def test_a_field_standing_on_a_thick_rule_goes(paper_strip):
@@ -191,15 +197,7 @@ def test_a_field_standing_on_a_thick_rule_goes(paper_strip):
     can leave its top rows, a gap of a few pixels between what went and the field's sides, which must not
     hide that the field's bottom went with the rule."""
     paper, _ = paper_strip
-    top, bottom, left, right = ink_box(paper)
-    field = paper.copy()
-    box_top, box_bottom, box_left, box_right = top - 40, bottom + 20, left - 25, right + 25
-    cv2.line(field, (box_left, box_top), (box_right - 2, box_top), 0.1, 2)
-    cv2.line(field, (box_left, box_top), (box_left, box_bottom), 0.1, 2)
-    cv2.line(field, (box_right, box_top + 4), (box_right, box_bottom), 0.1, 2)
-    cv2.line(field, (0, box_bottom + 12), (paper.shape[1], box_bottom + 16), 0.1, 24)  # a page turned by half a degree
-    field = cv2.GaussianBlur(field, (5, 5), 1.5)
-    assert_only_the_digits_are_left(paper, field)
+    assert_only_the_digits_are_left(paper, field_over_a_rule(paper, 12, 16, 24))  # the page turned by half a degree
 
 
 def test_digits_between_broken_table_lines_keep_their_scale(paper_strip):
