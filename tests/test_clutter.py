@@ -218,9 +218,9 @@ def test_digits_between_broken_table_lines_keep_their_scale(paper_strip):
     assert messy.digit_height == pytest.approx(clean.digit_height, rel=0.1)
 
 
-def test_table_lines_across_the_page_go_though_they_are_broken(paper_strip):
-    """A table's column lines run the page's height, each broken once (a worn print, a fold): a line across
-    80% of the page is still found where one break is under a twentieth of that length."""
+def test_a_table_s_column_lines_go_though_they_are_broken(paper_strip):
+    """A table's column lines run the page's height, each broken once (a worn print, a fold): a column line
+    down 80% of the page is still found where one break is under a twentieth of that length."""
     paper, _ = paper_strip
     _, bottom, left, right = ink_box(paper)
     table = paper.copy()
