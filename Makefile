@@ -7,7 +7,7 @@ TRAIN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 
 DATA ?= $(or $(DIGIT_READER_DATA),data)
 export DIGIT_READER_DATA := $(DATA)
 
-.PHONY: setup test lint fuzz app read eval classifier train race finetune calibrate bench-train bench-inputs benchmark screenshots clean
+.PHONY: setup test lint fuzz app read eval eval-views classifier train race finetune calibrate bench-train bench-inputs benchmark screenshots clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ read: setup
 
 eval: setup
 	$(PY) -m train.evaluate --suites all --n 2000 --beam 4 --beam-n 300 --out docs/eval
+
+eval-views: setup  # as the app reads: from three views of each image (model.pipeline.VIEW_SCALES)
+	$(PY) -m train.evaluate --suites all --n 2000 --views --beam 4 --beam-n 300 --out docs/eval-views
 
 classifier: setup
 	$(TRAIN) --preset classifier --out runs/classifier

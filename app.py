@@ -20,7 +20,7 @@ from streamlit_drawable_canvas import st_canvas
 
 from app_support.checkpoints import CHECKPOINTS_ENV, checkpoint_folder, reader_checkpoints
 from app_support.examples import LAYOUT_CHOICES, STYLE_CHOICES, Example, shipped_example, synthesize_example
-from app_support.inputs import BEAM_WIDTH, UPLOAD_TYPES, canvas_image, image_digest, suggested_box
+from app_support.inputs import BEAM_WIDTH, UPLOAD_TYPES, app_reading, canvas_image, image_digest, suggested_box
 from app_support.visuals import (
     NO_DIGITS,
     alternatives_table,
@@ -40,7 +40,7 @@ from app_support.visuals import (
 )
 from data.mnist import DatasetMissingError, DigitPool, load_pools
 from model.checkpoint import CheckpointError
-from model.pipeline import DigitMark, ReadResult, SequenceReader, digit_marks
+from model.pipeline import VIEW_SCALES, DigitMark, ReadResult, SequenceReader, digit_marks
 from model.preprocess import ImageReadError, NoInkError, load_image
 
 SOURCES = ("Draw", "Upload", "Camera", "Example")
@@ -191,7 +191,7 @@ def read_once(reader: SequenceReader, image: Image.Image, digest: str) -> tuple[
     memo = st.session_state.get("last_reading")
     if memo is None or memo[0] is not reader or memo[1] != digest:
         started = time.perf_counter()
-        result = reader.read([image], beam=BEAM_WIDTH, attention=True)[0]
+        result = app_reading(reader, image)
         memo = (reader, digest, result, time.perf_counter() - started)
         st.session_state.last_reading = memo
     return memo[2], memo[3]
@@ -213,7 +213,7 @@ def show_reading(reader: SequenceReader, result: ReadResult, seconds: float, exa
     )
     time_column.metric(
         "Read in", f"{seconds * 1000:.0f} ms",
-        help=f"Preprocessing, and decoding with attention and a beam search of width {BEAM_WIDTH}.",
+        help=f"Preprocessing, and decoding at {len(VIEW_SCALES)} scales with attention and a beam search of width {BEAM_WIDTH}.",
     )
     count_column.metric("Digits", len(result.digits))
     with copy_column:
@@ -229,7 +229,8 @@ def show_reading(reader: SequenceReader, result: ReadResult, seconds: float, exa
         st.altair_chart(confidence_chart(result.digits, result.reading.step_probs), width="stretch")
     with beam_column:
         st.subheader("Alternatives")
-        st.caption(f"The most probable readings found by a beam search of width {BEAM_WIDTH}.")
+        st.caption(f"The most probable readings found by a beam search of width {BEAM_WIDTH} and by each of the "
+                   f"{len(VIEW_SCALES)} scales, with their probability over all scales.")
         st.dataframe(
             alternatives_table(result.alternatives),
             hide_index=True,

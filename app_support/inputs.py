@@ -7,11 +7,17 @@ import hashlib
 import numpy as np
 from PIL import Image
 
-from model.pipeline import SequenceReader
+from model.pipeline import ReadResult, SequenceReader
 from model.preprocess import ImageReadError, NoInkError
 
 UPLOAD_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif")
 BEAM_WIDTH = 4  # the app answers with the best of a beam search this wide, and lists its hypotheses
+
+
+def app_reading(reader: SequenceReader, image: Image.Image) -> ReadResult:
+    """How the app reads an image: from views at several scales (SequenceReader.read), with the attention maps
+    it shows and a beam of BEAM_WIDTH whose hypotheses, scored over the views, it lists."""
+    return reader.read([image], beam=BEAM_WIDTH, attention=True, views=True)[0]
 
 
 def canvas_image(json_data: dict | None, image_data: np.ndarray | None) -> Image.Image | None:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         side = classifier_square(model.cfg)
         images = canonical_images(samples, model.cfg)
         with torch.no_grad():
-            predicted = [digits[0] for digits in predict(model, images)[0]]
+            predicted = [digits[0] for digits in predict(model, [images])[0]]
         wrong = np.array(predicted) != labels
         kinds = {
             f"within {side}x{side}": np.array([im.shape[0] <= side and im.shape[1] <= side for im in images]),

@@ -83,11 +83,11 @@ def main(argv: list[str] | None = None) -> None:
         truth = [s.digits for s in samples]
         before, before_s = timed(partial(canonical_images, samples, model.cfg, old.preprocess_array, old.NoInkError), args.passes)
         after, after_s = timed(partial(canonical_images, samples, model.cfg, preprocess_array, NoInkError), args.passes)
-        read_before, _, _ = predict(model, before)
+        read_before, _, _ = predict(model, [before])
         changed = [i for i, (a, b) in enumerate(zip(before, after)) if a.shape != b.shape or not np.array_equal(a, b)]
         read_after = list(read_before)
         if changed:
-            for i, digits in zip(changed, predict(model, [after[i] for i in changed])[0]):
+            for i, digits in zip(changed, predict(model, [[after[i] for i in changed]])[0]):
                 read_after[i] = digits
         fixed = sum(read_after[i] == truth[i] != read_before[i] for i in changed)
         broken = sum(read_before[i] == truth[i] != read_after[i] for i in changed)

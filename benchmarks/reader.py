@@ -5,11 +5,11 @@ Prints:
   its default batch size: file decoding, preprocessing and decoding together, in images/s;
 - preprocessing alone on the same files, in ms per image (decoded images in memory);
 - one image read alone (load, preprocess, greedy): p50 and p95 in ms;
-- the app's read of a canvas drawing (900x260 RGBA, preprocessing, decoding with attention maps and a
-  beam of 4, as `app.read_once` does): p50 and p95 in ms;
+- the app's read of a canvas drawing (900x260 RGBA, preprocessing, decoding from several views with
+  attention maps and a beam of 4: `app_support.inputs.app_reading`): p50 and p95 in ms;
 - the app on a 12 MP phone photo (a 4000x3000 JPEG of a number on a page, from the `phone` suite): decoding
   the upload, placing the crop box around the digits, the cropper's display copy, and reading the crop
-  (attention, beam 4), each in ms (median of 5).
+  (as the app reads it), each in ms (median of 5).
 Set the thread count with --threads (the app uses 1; the CLI leaves torch's default).
 """
 
@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app_support.inputs import BEAM_WIDTH, app_reading
 from data.mnist import load_pools
 from data.suites import suite_samples
 from data.synth import STYLES, SequenceSynth
 from model.checkpoint import DEFAULT_CHECKPOINT
-from model.pipeline import SequenceReader
+from model.pipeline import VIEW_SCALES, SequenceReader
 from model.preprocess import load_image
 from model.read import main as read_main
 
@@ -106,14 +107,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"one image (3-8 digit strip), preprocessing and greedy decoding: p50 {p50:.1f} ms, p95 {p95:.1f} ms")
 
     canvases = [canvas_drawing(pool, seed) for seed in range(min(50, args.latency_samples))]
-    reader.read([canvases[0]], beam=4, attention=True)  # warm-up
+    app_reading(reader, canvases[0])  # warm-up
     latencies = []
     for canvas in canvases:
         began = time.perf_counter()
-        reader.read([canvas], beam=4, attention=True)
+        app_reading(reader, canvas)
         latencies.append(1000 * (time.perf_counter() - began))
     p50, p95 = percentiles(latencies)
-    print(f"app read of a 900x260 canvas drawing (5 digits; attention maps, beam 4): p50 {p50:.1f} ms, p95 {p95:.1f} ms")
+    print(f"app read of a 900x260 canvas drawing (5 digits; {len(VIEW_SCALES)} views, attention maps, beam {BEAM_WIDTH}): "
+          f"p50 {p50:.1f} ms, p95 {p95:.1f} ms")
     phone_photo_timings(reader, pool)
 
 
@@ -137,7 +139,7 @@ def phone_photo_timings(reader: SequenceReader, pool) -> None:
     from app_support.visuals import browser_mode
 
     stages: dict[str, list[float]] = {"decode the upload": [], "place the crop box": [], "cropper's display copy": [],
-                                      "read the crop (attention, beam 4)": []}
+                                      "read the crop (as the app reads)": []}
     for seed in range(5):
         data = phone_photo(pool, seed)
         began = time.perf_counter()
@@ -151,8 +153,8 @@ def phone_photo_timings(reader: SequenceReader, pool) -> None:
         _resize_img(shown.copy()).convert("RGBA").save(io.BytesIO(), format="PNG")
         stages["cropper's display copy"].append(time.perf_counter() - began)
         began = time.perf_counter()
-        reader.read([image.crop(box)], beam=4, attention=True)
-        stages["read the crop (attention, beam 4)"].append(time.perf_counter() - began)
+        app_reading(reader, image.crop(box))
+        stages["read the crop (as the app reads)"].append(time.perf_counter() - began)
     total = sum(statistics.median(times) for times in stages.values())
     parts = ", ".join(f"{name} {1000 * statistics.median(times):.0f} ms" for name, times in stages.items())
     print(f"app on a 12 MP phone photo (4000x3000 JPEG), median of 5: {1000 * total:.0f} ms in all: {parts}")

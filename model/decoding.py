@@ -65,8 +65,14 @@ class Calibration:
     intercept: float = 0.0
 
     @classmethod
-    def from_meta(cls, meta: dict) -> Calibration:
+    def from_meta(cls, meta: dict, scales: tuple[float, ...] = (1.0,)) -> Calibration:
+        """The checkpoint's calibration of readings from one view, or from views at `scales` (read_views): the
+        same temperature with the map fitted to the views' geometric mean where the checkpoint has one for
+        these scales, else the one-view map, which fits them roughly."""
         found = meta.get("calibration", {})
+        views = found.get("views", {})
+        if len(scales) > 1 and tuple(views.get("scales", ())) == tuple(scales):
+            found = {**found, **views}
         return cls(float(found.get("temperature", 1.0)), float(found.get("slope", 1.0)), float(found.get("intercept", 0.0)))
 
     def confidence(self, probability: float) -> float:
@@ -279,3 +285,62 @@ def read_batch(
         for i, reading in zip(differ, rescored):
             readings[i] = reading
     return list(zip(readings, beams))
+
+
+@torch.no_grad()
+def read_views(
+    model: DigitReader, views: list[tuple[torch.Tensor, torch.Tensor]], beam: int = 0, attention: bool = False,
+    temperature: float = 1.0,
+) -> list[tuple[Reading, list[BeamHypothesis]]]:
+    """Read a batch from several views of each image, the same ink at several scales
+    (`model.preprocess.Preprocessed.at_scale`): (the answer's Reading, the candidates best first) per image.
+
+    Where a digit falls on the grid of patches changes what the encoder sees of it, and each view
+    misreads different images. Each view is read greedily (and, with beam > 1, the first view by a beam
+    search as well); every distinct answer is then scored under every view by one teacher-forced pass,
+    and the answer is the candidate whose probability, multiplied over the views, is highest. The
+    Reading's step probabilities are each step's geometric mean over the views, so its confidence is the
+    views' geometric mean; its attention (if asked) is the first view's, which should be the image at the
+    model's own scale. With beam > 1 the candidates, scored the same way, are the alternatives.
+    One view is `read_batch`.
+    """
+    if len(views) == 1:
+        return read_batch(model, views[0][0], views[0][1], beam, attention, temperature)
+    encoded = [model.encoder(images, mask) for images, mask in views]
+    batch = views[0][0].shape[0]
+    candidates: list[dict[tuple[int, ...], None]] = [{} for _ in range(batch)]  # insertion-ordered sets
+    for (images, mask), view in zip(views, encoded):
+        for found, reading in zip(candidates, greedy_decode(model, images, mask, temperature=temperature, encoded=view)):
+            found[tuple(reading.digits)] = None
+    if beam > 1:
+        images, mask = views[0]
+        for found, hyps in zip(candidates, beam_search(model, images, mask, beam, temperature=temperature, encoded=encoded[0])):
+            for hyp in hyps:
+                found[tuple(hyp.digits)] = None
+    owner = [b for b, found in enumerate(candidates) for _ in found]
+    sequences = [list(seq) for found in candidates for seq in found]
+    index = torch.tensor(owner, device=views[0][0].device)
+    # step_logs[i][j]: the log-probability of candidate i's step j, summed over the views.
+    step_logs = [[0.0] * (len(seq) + 1) for seq in sequences]
+    for view in encoded:
+        for logs, reading in zip(step_logs, score_sequences(model, _rows(view, index), sequences, temperature=temperature)):
+            for j, p in enumerate(reading.step_probs):
+                logs[j] += math.log(max(p, 1e-30))
+    ranked: list[list[int]] = [[] for _ in range(batch)]
+    for i, b in enumerate(owner):
+        ranked[b].append(i)
+    for ranking in ranked:
+        ranking.sort(key=lambda i: -sum(step_logs[i]))
+    answers = [ranking[0] for ranking in ranked]
+    readings = [
+        Reading(sequences[i], [math.exp(log / len(views)) for log in step_logs[i]], grid=encoded[0].grid) for i in answers
+    ]
+    if attention:
+        shown = score_sequences(model, encoded[0], [sequences[i] for i in answers], return_attention=True, temperature=temperature)
+        for reading, first in zip(readings, shown):
+            reading.attention = first.attention
+    alternatives = [
+        [BeamHypothesis(sequences[i], sum(step_logs[i]) / len(views)) for i in ranking[:beam]] if beam > 1 else []
+        for ranking in ranked
+    ]
+    return list(zip(readings, alternatives))

@@ -73,6 +73,16 @@ class Preprocessed:
     working_shape: tuple[int, int] = (0, 0)  # (height, width) of the working image: the input, downscaled if huge
     deskew: np.ndarray | None = None  # the 2x3 affine that turned the working image level, if it was turned
     removed: tuple[str, ...] = ()  # what was taken out as not digits: "lines", "marks"
+    crop: np.ndarray | None = None  # the ink crop_box holds, at working resolution, before rescaling
+
+    def at_scale(self, factor: float, max_size: tuple[int, int] = (MAX_HEIGHT, MAX_WIDTH)) -> np.ndarray:
+        """The canonical image again with its digits `factor` times as tall (another view of the same ink for
+        model.decoding.read_views), shrunk further if it would not fit max_size; factor 1 gives `image`."""
+        if factor == 1.0:
+            return self.image
+        if self.crop is None:
+            raise ValueError("this Preprocessed was made without its crop; preprocess the image again to rescale it")
+        return rescale_crop(self.crop, self.scale * factor, max_size)[0]
 
     @property
     def levelled_by(self) -> float:
@@ -432,35 +442,42 @@ def preprocess_ink(
         deskew[:, 2] += [(size[0] - w) / 2, (size[1] - h) / 2]
         x, mask = _ink(cv2.warpAffine(x, deskew, size, flags=cv2.INTER_LINEAR, borderValue=0))
         known_height = 0.0
-    image, box, scale, measured, fitted = _crop_to_ink(x, mask, known_height, digit_height, max_size)
-    return Preprocessed(image, inverted, box, scale, measured, fitted, working_shape, deskew, removed)
+    image, box, scale, measured, fitted, crop = _crop_to_ink(x, mask, known_height, digit_height, max_size)
+    return Preprocessed(image, inverted, box, scale, measured, fitted, working_shape, deskew, removed, crop)
 
 
 def _crop_to_ink(
     x: np.ndarray, mask: np.ndarray, known_height: float, digit_height: float, max_size: tuple[int, int],
-) -> tuple[np.ndarray, tuple[int, int, int, int], float, float, bool]:
+) -> tuple[np.ndarray, tuple[int, int, int, int], float, float, bool, np.ndarray]:
     """Step 7: the ink cropped, its digits rescaled to digit_height (measured unless known_height > 0),
     shrunk further if it would not fit max_size, and framed with MARGIN pixels.
-    Returns (image, crop box (top, left, bottom, right), scale, measured height, shrunk to fit)."""
+    Returns (image, crop box (top, left, bottom, right), scale, measured height, shrunk to fit, the crop
+    before rescaling)."""
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     if len(rows) == 0:
         raise NoInkError("no ink found: only isolated specks")
     top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     crop_mask = mask[top:bottom, left:right]
     near_ink = cv2.dilate(crop_mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(np.float32)
-    x = x[top:bottom, left:right] * near_ink  # drop floor noise far from ink
+    crop = np.ascontiguousarray(x[top:bottom, left:right] * near_ink)  # drop floor noise far from ink
     measured = known_height or estimate_digit_height(crop_mask)
-    scale = digit_height / measured
+    image, scale, fitted = rescale_crop(crop, digit_height / measured, max_size)
+    return image, (top, left, bottom, right), scale, measured, fitted, crop
+
+
+def rescale_crop(crop: np.ndarray, scale: float, max_size: tuple[int, int]) -> tuple[np.ndarray, float, bool]:
+    """A cropped ink image resized by `scale`, shrunk further if it would not fit max_size, and framed with
+    MARGIN pixels: (image, the scale used, whether it was shrunk to fit)."""
     max_height, max_width = max_size
-    height, width = max(1, round(x.shape[0] * scale)), max(1, round(x.shape[1] * scale))
+    height, width = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
     fit = min((max_height - 2 * MARGIN) / height, (max_width - 2 * MARGIN) / width, 1.0)
     fitted = fit < 1.0
     if fitted:
         scale *= fit
         height, width = max(1, int(height * fit)), max(1, int(width * fit))
-    x = np.clip(_resize(np.ascontiguousarray(x), height, width), 0.0, 1.0)
-    x = cv2.copyMakeBorder(x, MARGIN, MARGIN, MARGIN, MARGIN, cv2.BORDER_CONSTANT, value=0)  # np.pad costs 10x more
-    return x, (top, left, bottom, right), scale, measured, fitted
+    image = np.clip(_resize(crop, height, width), 0.0, 1.0)
+    image = cv2.copyMakeBorder(image, MARGIN, MARGIN, MARGIN, MARGIN, cv2.BORDER_CONSTANT, value=0)  # np.pad costs 10x more
+    return image, scale, fitted
 
 
 def preprocess_digits(digits: np.ndarray, digit_height: float, max_size: tuple[int, int]) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""`python -m model.read PATH... [--checkpoint FILE] [--beam K] [--json]`: read digit sequences from image files.
+"""`python -m model.read PATH... [--checkpoint FILE] [--beam K] [--views] [--json]`: read digit sequences from image files.
 
 Prints one line per file: `PATH<TAB>DIGITS<TAB>CONFIDENCE`, or with --json one
 JSON object per line ({"path", "digits", "confidence", ...}). A file that
@@ -44,9 +44,10 @@ def _beam_width(text: str) -> int:
 FILES_PER_WORKER = 200  # fewer files than this per process: starting one costs more than it saves
 
 
-def read_paths(reader: SequenceReader, paths: list[str], beam: int = 0, batch_size: int = 64) -> list[dict]:
+def read_paths(reader: SequenceReader, paths: list[str], beam: int = 0, batch_size: int = 64, views: bool = False) -> list[dict]:
     """One JSON-ready record per path, in order: {"path", "digits", "text", "confidence",
-    "step_probabilities"} (and "alternatives" with beam > 1), or {"path", "error"} in words."""
+    "step_probabilities"} (and "alternatives" with beam > 1), or {"path", "error"} in words.
+    With `views`, each image is read from views at several scales (SequenceReader.read)."""
     prepared, good_paths = [], []
     errors: dict[str, str] = {}
     for path in paths:
@@ -57,7 +58,7 @@ def read_paths(reader: SequenceReader, paths: list[str], beam: int = 0, batch_si
             errors[path] = str(exc)
         except Exception as exc:
             errors[path] = f"unexpected {exc.__class__.__name__} while reading this image ({exc}); please report it"
-    results = dict(zip(good_paths, reader.read(prepared, beam=beam, batch_size=batch_size)))
+    results = dict(zip(good_paths, reader.read(prepared, beam=beam, batch_size=batch_size, views=views)))
     records: list[dict] = []
     for path in paths:
         if path in errors:
@@ -86,34 +87,35 @@ def default_workers(files: int) -> int:
     return max(1, min(os.cpu_count() or 1, files // FILES_PER_WORKER))
 
 
-_worker_job: tuple[SequenceReader, int, int] | None = None
+_worker_job: tuple[SequenceReader, int, int, bool] | None = None
 
 
-def _start_worker(reader: SequenceReader, beam: int, batch_size: int, threads: int) -> None:
+def _start_worker(reader: SequenceReader, beam: int, batch_size: int, views: bool, threads: int) -> None:
     global _worker_job
     torch.set_num_threads(threads)
-    _worker_job = (reader, beam, batch_size)
+    _worker_job = (reader, beam, batch_size, views)
 
 
 def _read_in_worker(paths: list[str]) -> list[dict]:
     assert _worker_job is not None, "the pool's initializer sets the job"
-    reader, beam, batch_size = _worker_job
-    return read_paths(reader, paths, beam, batch_size)
+    return read_paths(_worker_job[0], paths, *_worker_job[1:])
 
 
-def read_paths_in_parallel(reader: SequenceReader, paths: list[str], workers: int, beam: int = 0, batch_size: int = 64) -> list[dict]:
+def read_paths_in_parallel(
+    reader: SequenceReader, paths: list[str], workers: int, beam: int = 0, batch_size: int = 64, views: bool = False,
+) -> list[dict]:
     """`read_paths` over `workers` forked processes, each with an equal share of the files and of the threads."""
     if workers <= 1 or len(paths) < 2:
-        return read_paths(reader, paths, beam, batch_size)
+        return read_paths(reader, paths, beam, batch_size, views)
     share = -(-len(paths) // workers)
     threads = max(1, torch.get_num_threads() // workers)
     # The workers inherit the loaded model from this process (fork): nothing is pickled but paths and records.
     context = multiprocessing.get_context("fork")
     try:
-        pool = context.Pool(workers, initializer=_start_worker, initargs=(reader, beam, batch_size, threads))
+        pool = context.Pool(workers, initializer=_start_worker, initargs=(reader, beam, batch_size, views, threads))
     except OSError as exc:  # no shared memory for the pool's locks (some containers): read in this process
         print(f"warning: cannot start worker processes ({exc}); reading in one process", file=sys.stderr)
-        return read_paths(reader, paths, beam, batch_size)
+        return read_paths(reader, paths, beam, batch_size, views)
     with pool:
         parts = pool.map(_read_in_worker, [paths[i : i + share] for i in range(0, len(paths), share)])
     return [record for part in parts for record in part]
@@ -124,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", help="image files (PNG, JPEG, WebP, BMP, TIFF, GIF, ...)")
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="a .safetensors checkpoint (default: the shipped one)")
     parser.add_argument("--beam", type=_beam_width, default=0, help="beam width; >1 reads with beam search and lists alternatives")
+    parser.add_argument("--views", action="store_true",
+                        help="read each image from views at several scales and answer what they agree on best: "
+                        "fewer errors, about three times the time (docs/MODEL_CARD.md)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--batch-size", type=_positive, default=64, help="images decoded together (default 64)")
     parser.add_argument("--workers", type=_positive, default=None,
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     workers = args.workers or default_workers(len(args.paths))
-    records = read_paths_in_parallel(reader, args.paths, workers, args.beam, args.batch_size)
+    records = read_paths_in_parallel(reader, args.paths, workers, args.beam, args.batch_size, args.views)
     for record in records:
         if args.json:
             print(json.dumps(record))

@@ -19,7 +19,7 @@ from streamlit.testing.v1 import AppTest
 import data.mnist
 from app_support.checkpoints import CHECKPOINTS_ENV, reader_checkpoints
 from app_support.examples import EXAMPLES_DIR, LABELS_FILE, shipped_example, synthesize_example
-from app_support.inputs import BEAM_WIDTH, canvas_image, image_digest, suggested_box
+from app_support.inputs import app_reading, canvas_image, image_digest, suggested_box
 from app_support.visuals import (
     NO_DIGITS,
     attention_overlay,
@@ -87,8 +87,8 @@ def shipped_name(image: Image.Image) -> str:
 
 
 def app_read(reader: SequenceReader, image: Image.Image) -> ReadResult:
-    """The reading the app shows for an image: the answer of a beam of the app's width."""
-    return reader.read([image], beam=BEAM_WIDTH, attention=True)[0]
+    """The reading the app shows for an image."""
+    return app_reading(reader, image)
 
 
 def upload_read(reader: SequenceReader, image: Image.Image) -> ReadResult:

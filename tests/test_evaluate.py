@@ -109,3 +109,21 @@ def test_logistic_map_recovers_the_slope_and_intercept_that_made_the_data():
     mapped = Calibration(1.0, slope, intercept)
     assert abs(mapped.confidence(0.5) - truth[np.argmin(np.abs(confidence - 0.5))]) < 0.05
     assert Calibration().confidence(0.37) == 0.37  # no calibration: the model's own probability
+
+
+def test_evaluation_and_calibration_read_from_views_as_the_app_does(tmp_path, tiny_reader, pools, capsys):
+    from model.pipeline import VIEW_SCALES
+    from train.batches import canonical_views
+    from train.calibrate import fit_views
+
+    checkpoint = save_checkpoint(tmp_path / "tiny", tiny_reader)
+    out = tmp_path / "eval"
+    main(["--checkpoint", str(checkpoint), "--suites", "strip", "--n", "8", "--views", "--no-plots", "--out", str(out)])
+    report = json.loads((out / "results.json").read_text())
+    assert report["view_scales"] == list(VIEW_SCALES) and report["suites"]["strip"]["n"] == 8
+    samples = suite_samples("strip", pools["val"], 16)
+    views = canonical_views(samples, tiny_reader.cfg, VIEW_SCALES)
+    assert [len(view) for view in views] == [16] * len(VIEW_SCALES)
+    assert all(b.shape[0] > a.shape[0] for a, b in zip(views[0], views[-1]))  # the last view's digits are taller
+    fitted = fit_views(tiny_reader, [views], [s.digits for s in samples], temperature=1.0)
+    assert fitted["scales"] == list(VIEW_SCALES) and 0.0 <= fitted["ece_after"] <= 1.0 and np.isfinite(fitted["slope"])

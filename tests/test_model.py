@@ -1,7 +1,10 @@
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 
-from model.decoding import beam_search, greedy_decode, read_batch
+from model.decoding import Calibration, beam_search, greedy_decode, read_batch, read_views, score_sequences
 from model.network import BOS, EOS, NUM_OUTPUTS, DigitClassifier, DigitReader, ModelConfig, PatchEmbedding
 from tests.conftest import TINY
 
@@ -138,3 +141,46 @@ def test_temperature_changes_confidence_not_the_greedy_reading(tiny_reader):
     for (a, _), (b, _) in zip(plain, sharp):
         assert a.digits == b.digits
         assert all(q >= p - 1e-6 for p, q in zip(a.step_probs, b.step_probs))  # a cooler softmax is surer of its argmax
+
+
+def test_one_view_is_read_batch_and_two_copies_of_it_read_the_same(tiny_reader):
+    torch.manual_seed(5)
+    images = torch.rand(6, 1, 28, 56)
+    single = read_batch(tiny_reader, images, beam=3, attention=True)
+    assert [r.digits for r, _ in read_views(tiny_reader, [(images, None)], beam=3, attention=True)] == [r.digits for r, _ in single]
+    twice = read_views(tiny_reader, [(images, None), (images, None)], attention=True)
+    for (reading, alternatives), (greedy, _) in zip(twice, read_batch(tiny_reader, images, attention=True)):
+        assert reading.digits == greedy.digits and alternatives == []
+        assert reading.step_probs == [pytest.approx(p, abs=1e-5) for p in greedy.step_probs]
+        assert reading.attention is not None and greedy.attention is not None
+        assert torch.allclose(reading.attention, greedy.attention, atol=1e-5)
+
+
+def test_the_views_answer_is_the_candidate_they_find_most_probable_together(tiny_reader):
+    """Each view's greedy reading is a candidate; the answer has the highest probability summed in log over
+    the views, and its confidence is the views' geometric mean."""
+    torch.manual_seed(6)
+    views = [(torch.rand(8, 1, 28, 56), None), (torch.rand(8, 1, 36, 72), None), (torch.rand(8, 1, 32, 64), None)]
+    answers = read_views(tiny_reader, views, beam=3)
+    encoded = [tiny_reader.encoder(images) for images, _ in views]
+    greedy = [greedy_decode(tiny_reader, images) for images, _ in views]
+
+    def total_log(b: int, digits: list[int]) -> float:
+        rows = [score_sequences(tiny_reader, view, [digits] * 8)[b] for view in encoded]
+        return sum(math.log(p) for reading in rows for p in reading.step_probs)
+
+    for b, (reading, alternatives) in enumerate(answers):
+        best = total_log(b, reading.digits)
+        assert math.exp(best / 3) == pytest.approx(reading.confidence, rel=1e-3)
+        for view in greedy:
+            assert total_log(b, view[b].digits) <= best + 1e-4
+        assert alternatives[0].digits == reading.digits
+        assert [h.log_prob for h in alternatives] == sorted((h.log_prob for h in alternatives), reverse=True)
+
+
+def test_readings_from_views_have_their_own_calibration_map():
+    meta = {"calibration": {"temperature": 0.7, "slope": 1.4, "intercept": -0.8,
+                            "views": {"scales": [1.0, 1.125], "slope": 1.1, "intercept": -0.2}}}
+    assert Calibration.from_meta(meta) == Calibration(0.7, 1.4, -0.8)
+    assert Calibration.from_meta(meta, (1.0, 1.125)) == Calibration(0.7, 1.1, -0.2)
+    assert Calibration.from_meta(meta, (1.0, 1.25)) == Calibration(0.7, 1.4, -0.8)  # fitted for other scales: not used

@@ -259,3 +259,17 @@ def test_a_stack_of_lone_digits_preprocesses_as_each_digit_alone(pools):
         alone = [preprocess_ink(digit, 16.0, (160, 384)).image for digit in stack]
         assert len(fast) == len(stack)
         assert all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(fast, alone))
+
+
+def test_another_scale_of_the_same_ink_matches_preprocessing_at_that_digit_height(strip):
+    """A view at another scale (for reading from several views) is the crop rescaled, the same image that
+    preprocessing at that digit height gives, without preprocessing again; scale 1 is the image itself."""
+    prepared = preprocess_array(strip)
+    assert prepared.at_scale(1.0) is prepared.image
+    taller = prepared.at_scale(1.125)
+    direct = preprocess_array(strip, TARGET_DIGIT_HEIGHT * 1.125).image
+    assert taller.shape == direct.shape
+    assert np.abs(taller - direct).max() < 1e-5
+    assert taller.shape[0] > prepared.image.shape[0]
+    fitted = prepared.at_scale(4.0, max_size=(40, 400))
+    assert fitted.shape[0] <= 40

@@ -65,6 +65,23 @@ def test_files_read_by_several_processes_read_as_by_one(tmp_path, pools, tiny_re
         assert one.get("confidence", 0) == pytest.approx(several.get("confidence", 0), abs=1e-4)  # batched apart: float noise
 
 
+def test_views_flag_reads_every_file_from_several_views(tmp_path, pools, capsys):
+    """--views reads as SequenceReader.read(views=True), in one process or several, with its own calibration."""
+    samples = SequenceSynth(pools["test"], STYLES["drawn"], seed=8).sample("strip", 6, min_digits=3, max_digits=6)
+    paths = []
+    for i, sample in enumerate(samples):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        Image.fromarray((sample.image * 255).astype(np.uint8)).save(paths[-1])
+    reader = SequenceReader(DEFAULT_CHECKPOINT)
+    expected = reader.read([Image.open(path) for path in paths], views=True)
+    for workers in ("1", "2"):
+        assert main([*paths, "--json", "--views", "--workers", workers]) == 0
+        records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+        assert [r["digits"] for r in records] == [e.digits for e in expected]
+        assert [r["confidence"] for r in records] == [pytest.approx(e.confidence, abs=1e-4) for e in expected]
+    assert reader.views_calibration != reader.calibration  # the shipped checkpoint has a map for its views
+
+
 def test_the_reader_preprocesses_at_its_checkpoints_digit_height(tmp_path, pools):
     """A checkpoint trained at another digit height gets its inputs at that height, not the default."""
     from dataclasses import replace

@@ -58,14 +58,26 @@ def canonical_images(
     `no_ink` for a blank image) is `model.preprocess.preprocess_array` unless another
     version of it is compared (benchmarks.preprocessing).
     """
-    out = []
+    return canonical_views(samples, model, (1.0,), preprocess, no_ink)[0]
+
+
+def canonical_views(
+    samples: list[Sample], model: ModelConfig, scales: tuple[float, ...],
+    preprocess: Callable[..., Preprocessed] = preprocess_array, no_ink: type[Exception] = NoInkError,
+) -> list[list[np.ndarray]]:
+    """`canonical_images` at each of `scales` (`Preprocessed.at_scale`), each sample preprocessed once:
+    views[k][i] is sample i with its digits scales[k] times the model's digit height."""
+    views: list[list[np.ndarray]] = [[] for _ in scales]
+    blank_side = int(model.digit_height) + 2 * MARGIN
     for sample in samples:
         try:
-            out.append(preprocess(sample.image, model.digit_height, model.max_size).image)
+            prepared = preprocess(sample.image, model.digit_height, model.max_size)
+            images = [prepared.image if scale == 1.0 else prepared.at_scale(scale, model.max_size) for scale in scales]
         except no_ink:
-            side = int(model.digit_height) + 2 * MARGIN
-            out.append(np.zeros((side, side), dtype=np.float32))
-    return out
+            images = [np.zeros((blank_side, blank_side), dtype=np.float32) for _ in scales]
+        for view, image in zip(views, images):
+            view.append(image)
+    return views
 
 
 def classifier_square(model: ModelConfig) -> int:

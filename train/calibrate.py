@@ -10,12 +10,16 @@ suite's layout and style, by minimising the log loss of "the reading is exactly
 right": T on a grid, then (a, b) by Newton's method. The argmax at each step does
 not depend on T, so greedy readings are unchanged. They go into the checkpoint's
 JSON (`calibration`), where `model.pipeline.SequenceReader` and `train.evaluate`
-read them; the test digits stay untouched for evaluation.
+read them; the test digits stay untouched for evaluation. A reading from several
+views (`model.decoding.read_views`, as the app reads) is the views' geometric mean,
+sharper than one view's probability: at the same T it gets its own (a, b)
+(`calibration.views`), fitted on the same images.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,9 +29,10 @@ from data.suites import SUITES, suite_samples
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, update_meta
 from model.decoding import Calibration, greedy_decode
 from model.network import EOS, DigitReader
+from model.pipeline import VIEW_SCALES
 from model.preprocess import batch_images
-from train.batches import canonical_images, sequence_tensors
-from train.evaluate import expected_calibration_error
+from train.batches import canonical_views, sequence_tensors
+from train.evaluate import expected_calibration_error, predict
 
 TEMPERATURES = np.geomspace(0.25, 4.0, 161)
 
@@ -80,6 +85,27 @@ def fit_logistic(confidence: np.ndarray, correct: np.ndarray, iterations: int = 
     return float(weights[0]), float(weights[1])
 
 
+def fit_views(model: DigitReader, views: list[list[list[np.ndarray]]], truth: list[list[int]], temperature: float) -> dict:
+    """The map for readings from views at VIEW_SCALES (model.decoding.read_views), at the temperature fitted for
+    one view: their confidence, the views' geometric mean, is sharper than one view's, so it gets a map of its own.
+    `views` holds each suite's canonical_views."""
+    raw: list[float] = []
+    answers: list[list[int]] = []
+    for suite_views in views:
+        digits, confidence, _ = predict(model, suite_views, calibration=Calibration(temperature))
+        answers += digits
+        raw += confidence
+    right = np.array([a == t for a, t in zip(answers, truth)], dtype=np.float64)
+    slope, intercept = fit_logistic(np.asarray(raw), right)
+    fitted = Calibration(temperature, round(slope, 4), round(intercept, 4))
+    after = [fitted.confidence(c) for c in raw]
+    return {
+        "scales": list(VIEW_SCALES), "slope": fitted.slope, "intercept": fitted.intercept, "exact": round(float(right.mean()), 5),
+        "ece_after": round(expected_calibration_error(after, right.tolist()), 5),
+        "log_loss_after": round(log_loss(np.asarray(after), right), 5),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.calibrate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,12 +119,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.checkpoint} is not a reader checkpoint; calibration applies to readers")
     pool = load_pools(args.data_root, splits=("val",))["val"]
     names = [name for name, suite in SUITES.items() if suite.layout != "mnist"]
-    answers, correct = [], []
+    answers, correct, views, truth = [], [], [], []
     for name in names:
         samples = suite_samples(name, pool, args.n, seed=1)
-        suite_answers = answer_logits(model, canonical_images(samples, model.cfg))
+        suite_views = canonical_views(samples, model.cfg, VIEW_SCALES)
+        suite_answers = answer_logits(model, suite_views[0])
         answers += suite_answers
         correct += [digits == s.digits for (digits, _), s in zip(suite_answers, samples)]
+        views.append(suite_views)
+        truth += [s.digits for s in samples]
         print(f"  {name}: {np.mean(correct[-len(samples):]):.4f} exact on validation digits", flush=True)
     right = np.asarray(correct, dtype=np.float64)
     temperature = fit_temperature(answers, right)
@@ -106,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     slope, intercept = fit_logistic(scaled, right)
     calibration = Calibration(round(temperature, 4), round(slope, 4), round(intercept, 4))
     after = np.array([calibration.confidence(c) for c in scaled])
-    record: dict[str, float | str] = {
+    record: dict[str, Any] = {
         "temperature": calibration.temperature,
         "slope": calibration.slope,
         "intercept": calibration.intercept,
@@ -119,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"temperature {temperature:.4g}, slope {slope:.4g}, intercept {intercept:.4g}: "
           f"expected calibration error {100 * float(record['ece_before']):.2f}% -> "
           f"{100 * float(record['ece_after']):.2f}%, log loss {record['log_loss_before']} -> {record['log_loss_after']}")
+    record["views"] = fit_views(model, views, truth, temperature)
+    print(f"from views at scales {VIEW_SCALES}: slope {record['views']['slope']:.4g}, intercept {record['views']['intercept']:.4g}, "
+          f"expected calibration error {100 * record['views']['ece_after']:.2f}%")
     if not args.dry_run:
         update_meta(args.checkpoint, "calibration", record)
         print(f"wrote calibration into {args.checkpoint}'s JSON")

@@ -22,10 +22,11 @@ import torch
 from data.mnist import DATA_ROOT_ENV, load_pools
 from data.suites import CORE_SUITES, SUITES, suite_samples
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from model.decoding import UNCALIBRATED, Calibration, read_batch
+from model.decoding import UNCALIBRATED, Calibration, read_views
 from model.network import DigitClassifier, DigitReader, ModelConfig
+from model.pipeline import VIEW_SCALES
 from model.preprocess import batch_images
-from train.batches import canonical_images
+from train.batches import canonical_images, canonical_views
 
 
 def edit_table(a: list[int], b: list[int]) -> list[list[int]]:
@@ -45,24 +46,27 @@ def edit_distance(a: list[int], b: list[int]) -> int:
 
 @torch.no_grad()
 def predict(
-    model: DigitReader | DigitClassifier, images: list[np.ndarray], batch_size: int = 128, beam: int = 0,
+    model: DigitReader | DigitClassifier, views: list[list[np.ndarray]], batch_size: int = 128, beam: int = 0,
     calibration: Calibration = UNCALIBRATED,
 ) -> tuple[list[list[int]], list[float], float]:
-    """Answers for canonical images, read as the app and the CLI read (model.decoding.read_batch: the best
-    beam hypothesis if beam > 1, else greedy); returns (digits, confidences, seconds)."""
+    """Answers for canonical images, read as the app and the CLI read (model.decoding.read_views: the best
+    beam hypothesis if beam > 1, else greedy); returns (digits, confidences, seconds). `views` holds the
+    images once, or once per scale (train.batches.canonical_views) to read each from several views."""
+    images = views[0]
     order = sorted(range(len(images)), key=lambda i: images[i].shape)
     predicted: list = [None] * len(images)
     confidences = [0.0] * len(images)
     seconds = 0.0
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        batch, mask = batch_images([images[i] for i in chunk])
+        batches = [batch_images([view[i] for i in chunk]) for view in views]
         began = time.perf_counter()
         if isinstance(model, DigitClassifier):
+            batch, mask = batches[0]
             probs = (model(batch, mask) / calibration.temperature).softmax(-1).max(-1)
             outputs = [([int(d)], float(p)) for p, d in zip(*probs)]
         else:
-            answers = read_batch(model, batch, mask, beam, temperature=calibration.temperature)
+            answers = read_views(model, batches, beam, temperature=calibration.temperature)
             outputs = [(reading.digits, calibration.confidence(reading.confidence)) for reading, _ in answers]
         seconds += time.perf_counter() - began
         for i, (digits, confidence) in zip(chunk, outputs):
@@ -153,14 +157,16 @@ def expected_calibration_error(confidences: list[float], correct: list[bool], bi
 
 def evaluate_suites(
     model: DigitReader | DigitClassifier, pools: dict, names: list[str], n: int, seed: int, beam: int, beam_n: int,
-    batch_size: int, calibration: Calibration = UNCALIBRATED,
+    batch_size: int, calibration: Calibration = UNCALIBRATED, scales: tuple[float, ...] = (1.0,),
 ) -> dict:
+    """Each suite read greedily (and by beam search on its first beam_n images), from the image at the
+    model's own scale or, with several `scales`, from a view at each (model.decoding.read_views)."""
     results = {}
     for name in names:
         samples = suite_samples(name, pools["test"], n, seed)
-        images = canonical_images(samples, model.cfg)
+        views = canonical_views(samples, model.cfg, scales)
         truth = [s.digits for s in samples]
-        greedy, confidences, seconds = predict(model, images, batch_size, calibration=calibration)
+        greedy, confidences, seconds = predict(model, views, batch_size, calibration=calibration)
         entry = {"suite": name, "n": len(samples), **score(truth, greedy), "images_per_s": len(samples) / seconds}
         entry["error_kinds"] = error_kinds(truth, greedy)
         entry["confidences"] = [round(c, 5) for c in confidences]
@@ -169,7 +175,7 @@ def evaluate_suites(
             # Beam search is several times slower: it is scored on the first beam_n images,
             # beside greedy on the same images so the two compare fairly.
             k = min(beam_n, len(samples))
-            beamed, _, _ = predict(model, images[:k], batch_size, beam, calibration)
+            beamed, _, _ = predict(model, [view[:k] for view in views], batch_size, beam, calibration)
             entry.update(beam_n=k, beam_exact_match=score(truth[:k], beamed)["exact_match"],
                          greedy_exact_match_on_beam_images=score(truth[:k], greedy[:k])["exact_match"])
         entry["by_length"] = by_length(truth, greedy)
@@ -349,26 +355,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", default=None, help=f"MNIST root (default ${DATA_ROOT_ENV} or data/mnist)")
     parser.add_argument("--out", default="out/eval", help="folder for results.json and plots")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--views", action="store_true",
+                        help=f"read each image from views at digit heights {', '.join(f'{s:g}' for s in VIEW_SCALES)} times the model's, "
+                        "as `python -m model.read --views` and the app do")
     args = parser.parse_args(argv)
     names = CORE_SUITES if args.suites == "core" else list(SUITES) if args.suites == "all" else args.suites.split(",")
     unknown = [s for s in names if s not in SUITES]
     if unknown:
         raise SystemExit(f"unknown suites {unknown}; choose from {', '.join(SUITES)}")
     model, meta = load_checkpoint(args.checkpoint)
-    calibration = Calibration.from_meta(meta)
+    scales = VIEW_SCALES if args.views and isinstance(model, DigitReader) else (1.0,)
+    calibration = Calibration.from_meta(meta, scales)
     if isinstance(model, DigitClassifier):
         names = [s for s in names if SUITES[s].layout in ("single", "mnist")]
     pools = load_pools(args.data_root)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"evaluating {args.checkpoint} on {', '.join(names)} ({args.n} images each, seed {args.seed})", flush=True)
-    results = evaluate_suites(model, pools, names, args.n, args.seed, args.beam, args.beam_n, args.batch_size, calibration)
+    results = evaluate_suites(model, pools, names, args.n, args.seed, args.beam, args.beam_n, args.batch_size, calibration, scales)
     summary = calibration_summary(results)
     table, errors = markdown_table(results), errors_table(results, summary)
     print(table)
     print()
     print(errors)
     report = {"checkpoint": str(args.checkpoint), "n": args.n, "seed": args.seed, "beam": args.beam, "beam_n": args.beam_n,
+              "view_scales": list(scales),
               "calibration_map": meta.get("calibration", {}), "torch_threads": torch.get_num_threads(), "calibration": summary,
               "suites": results, "table": table, "errors_table": errors}
     (out / "results.json").write_text(json.dumps(report) + "\n")
