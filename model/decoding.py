@@ -10,6 +10,7 @@ the map that turns a reading's probability into the probability of being right.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -289,7 +290,7 @@ def read_batch(
 
 @torch.no_grad()
 def read_views(
-    model: DigitReader, views: list[tuple[torch.Tensor, torch.Tensor]], beam: int = 0, attention: bool = False,
+    model: DigitReader, views: Sequence[tuple[torch.Tensor, torch.Tensor | None]], beam: int = 0, attention: bool = False,
     temperature: float = 1.0,
 ) -> list[tuple[Reading, list[BeamHypothesis]]]:
     """Read a batch from several views of each image, the same ink at several scales
