@@ -323,8 +323,11 @@ def read_views(
     index = torch.tensor(owner, device=views[0][0].device)
     # step_logs[i][j]: the log-probability of candidate i's step j, summed over the views.
     step_logs = [[0.0] * (len(seq) + 1) for seq in sequences]
-    for view in encoded:
-        for logs, reading in zip(step_logs, score_sequences(model, _rows(view, index), sequences, temperature=temperature)):
+    first_view: list[Reading] = []  # the candidates scored under the first view, with its attention if asked
+    for k, view in enumerate(encoded):
+        scored = score_sequences(model, _rows(view, index), sequences, return_attention=attention and k == 0, temperature=temperature)
+        first_view = first_view or scored
+        for logs, reading in zip(step_logs, scored):
             for j, p in enumerate(reading.step_probs):
                 logs[j] += math.log(max(p, 1e-30))
     ranked: list[list[int]] = [[] for _ in range(batch)]
@@ -334,12 +337,9 @@ def read_views(
         ranking.sort(key=lambda i: -sum(step_logs[i]))
     answers = [ranking[0] for ranking in ranked]
     readings = [
-        Reading(sequences[i], [math.exp(log / len(views)) for log in step_logs[i]], grid=encoded[0].grid) for i in answers
+        Reading(sequences[i], [math.exp(log / len(views)) for log in step_logs[i]], first_view[i].attention, encoded[0].grid)
+        for i in answers
     ]
-    if attention:
-        shown = score_sequences(model, encoded[0], [sequences[i] for i in answers], return_attention=True, temperature=temperature)
-        for reading, first in zip(readings, shown):
-            reading.attention = first.attention
     alternatives = [
         [BeamHypothesis(sequences[i], sum(step_logs[i]) / len(views)) for i in ranking[:beam]] if beam > 1 else []
         for ranking in ranked

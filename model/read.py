@@ -98,7 +98,8 @@ def _start_worker(reader: SequenceReader, beam: int, batch_size: int, views: boo
 
 def _read_in_worker(paths: list[str]) -> list[dict]:
     assert _worker_job is not None, "the pool's initializer sets the job"
-    return read_paths(_worker_job[0], paths, *_worker_job[1:])
+    reader, beam, batch_size, views = _worker_job
+    return read_paths(reader, paths, beam, batch_size, views)
 
 
 def read_paths_in_parallel(

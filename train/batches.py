@@ -72,6 +72,7 @@ def canonical_views(
     for sample in samples:
         try:
             prepared = preprocess(sample.image, model.digit_height, model.max_size)
+            # `.image` for scale 1: other versions of `preprocess` (benchmarks.preprocessing --against) have no at_scale.
             images = [prepared.image if scale == 1.0 else prepared.at_scale(scale, model.max_size) for scale in scales]
         except no_ink:
             images = [np.zeros((blank_side, blank_side), dtype=np.float32) for _ in scales]
