@@ -209,7 +209,9 @@ def show_reading(reader: SequenceReader, result: ReadResult, seconds: float, exa
         st.markdown(f"True digits: **{example.text}** {verdict}")
     probability_column, time_column, count_column, copy_column = st.columns([1, 1, 1, 2], vertical_alignment="bottom")
     probability_column.metric(
-        "Probability", f"{result.confidence:.1%}", help="The model's probability for the whole sequence, end token included."
+        "Probability", f"{result.confidence:.1%}",
+        help="The probability that the whole reading is right: the model's probability for the sequence, end token "
+        "included, over all scales, calibrated on held-out images.",
     )
     time_column.metric(
         "Read in", f"{seconds * 1000:.0f} ms",
@@ -230,9 +232,9 @@ def show_reading(reader: SequenceReader, result: ReadResult, seconds: float, exa
     with beam_column:
         st.subheader("Alternatives")
         st.caption(f"The most probable readings found by a beam search of width {BEAM_WIDTH} and by each of the "
-                   f"{len(VIEW_SCALES)} scales, with their probability over all scales.")
+                   f"{len(VIEW_SCALES)} scales, each with its probability of being right, calibrated as the answer's.")
         st.dataframe(
-            alternatives_table(result.alternatives),
+            alternatives_table(result),
             hide_index=True,
             column_config={"probability": st.column_config.ProgressColumn("probability", format="percent", min_value=0.0, max_value=1.0)},
         )

@@ -10,7 +10,6 @@ import torch
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
-from model.decoding import BeamHypothesis
 from model.pipeline import DigitMark, ReadResult
 
 END_LABEL = "end"
@@ -114,11 +113,12 @@ def confidence_chart(digits: list[int], step_probs: list[float]) -> alt.Chart:
     )
 
 
-def alternatives_table(alternatives: list[BeamHypothesis]) -> dict[str, list]:
-    """Beam hypotheses as table columns: the digits read and the sequence probability."""
+def alternatives_table(result: ReadResult) -> dict[str, list]:
+    """A reading's alternatives as table columns: the digits read and the probability of being right,
+    calibrated as the answer's own (`ReadResult.alternative_confidences`)."""
     return {
-        "reading": ["".join(map(str, h.digits)) or NO_DIGITS for h in alternatives],
-        "probability": [h.probability for h in alternatives],
+        "reading": ["".join(map(str, h.digits)) or NO_DIGITS for h in result.alternatives],
+        "probability": result.alternative_confidences(),
     }
 
 
@@ -174,7 +174,10 @@ def reading_json(result: ReadResult, seconds: float, marks: list[DigitMark], sca
             for mark in marks
         ],
         "end_probability": round(result.reading.step_probs[-1], 6),
-        "alternatives": [{"digits": "".join(map(str, h.digits)), "probability": round(h.probability, 6)} for h in result.alternatives],
+        "alternatives": [
+            {"digits": "".join(map(str, h.digits)), "probability": round(confidence, 6), "model_probability": round(h.probability, 6)}
+            for h, confidence in zip(result.alternatives, result.alternative_confidences())
+        ],
         "preprocessing": {"inverted": prepared.inverted, "levelled_by_degrees": turned, "removed": list(prepared.removed)},
         "seconds": round(seconds, 4),
         "checkpoint": checkpoint,

@@ -33,7 +33,7 @@ from data.suites import suite_samples
 from data.synth import STYLES, SequenceSynth
 from model.checkpoint import DEFAULT_CHECKPOINT
 from model.pipeline import VIEW_SCALES, SequenceReader
-from model.preprocess import load_image
+from model.preprocess import dark_ink, load_image
 from model.read import main as read_main
 
 
@@ -43,13 +43,17 @@ def percentiles(values: list[float]) -> tuple[float, float]:
 
 
 def canvas_drawing(pool, seed: int) -> Image.Image:
-    """What streamlit-drawable-canvas sends: black strokes on a transparent 900x260 RGBA canvas."""
+    """What the app's canvas sends: white strokes (the app's stroke colour) on a transparent 900x260 RGBA canvas.
+    The drawn style renders either polarity (as uploads come); the canvas's strokes are the opaque part."""
     sample = SequenceSynth(pool, STYLES["drawn"], seed=seed).sample("strip", 1, min_digits=5, max_digits=5)[0]
-    ink = Image.fromarray((np.clip(sample.image, 0, 1) * 255).astype(np.uint8))
+    level = np.clip(sample.image, 0, 1)
+    if dark_ink(level):
+        level = 1.0 - level
+    ink = Image.fromarray((level * 255).astype(np.uint8))
     ink.thumbnail((860, 220))
     alpha = Image.new("L", (900, 260), 0)
     alpha.paste(ink, ((900 - ink.width) // 2, (260 - ink.height) // 2))
-    canvas = Image.new("RGBA", (900, 260), (0, 0, 0, 0))
+    canvas = Image.new("RGBA", (900, 260), (255, 255, 255, 0))
     canvas.putalpha(alpha)
     return canvas
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from model.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint
-from model.decoding import BeamHypothesis, Calibration, Reading, read_views
+from model.decoding import UNCALIBRATED, BeamHypothesis, Calibration, Reading, read_views
 from model.network import DigitReader
 from model.preprocess import Preprocessed, batch_images, preprocess_image
 
@@ -34,6 +34,12 @@ class ReadResult:
     preprocessed: Preprocessed
     alternatives: list[BeamHypothesis] = field(default_factory=list)
     seconds: float = 0.0
+    calibration: Calibration = UNCALIBRATED  # the map that made `confidence`; `alternative_confidences` uses it too
+
+    def alternative_confidences(self) -> list[float]:
+        """Each alternative's probability of being right, by the map that gave the answer its `confidence`:
+        the top alternative is the answer, at the same figure."""
+        return [self.calibration.confidence(h.probability) for h in self.alternatives]
 
     @property
     def text(self) -> str:
@@ -142,7 +148,9 @@ class SequenceReader:
                     h, w = (-(-s // stride) for s in prepared[i].image.shape)
                     reading.attention = reading.attention[..., :h, :w]
                     reading.grid = (h, w)
-                results[i] = ReadResult(reading.digits, calibration.confidence(reading.confidence), reading, prepared[i], alternatives)
+                results[i] = ReadResult(
+                    reading.digits, calibration.confidence(reading.confidence), reading, prepared[i], alternatives, calibration=calibration
+                )
         elapsed = time.perf_counter() - started
         done = [result for result in results if result is not None]
         for result in done:

@@ -22,6 +22,7 @@ from app_support.examples import EXAMPLES_DIR, LABELS_FILE, shipped_example, syn
 from app_support.inputs import app_reading, canvas_image, image_digest, suggested_box
 from app_support.visuals import (
     NO_DIGITS,
+    alternatives_table,
     attention_overlay,
     confidence_chart,
     draw_marks,
@@ -455,6 +456,11 @@ def test_reading_json_and_marks_drawing(reader: SequenceReader) -> None:
     assert record["digits"] == result.text and len(record["steps"]) == len(result.digits)
     assert all(0 <= step["x"] <= image.width and 0 <= step["y"] <= image.height for step in record["steps"])
     assert [a["digits"] for a in record["alternatives"]] == ["".join(map(str, h.digits)) for h in result.alternatives]
+    # The alternatives are calibrated as the answer is: the top one, the answer itself, shows the same figure.
+    assert record["alternatives"][0]["digits"] == record["digits"]
+    assert record["alternatives"][0]["probability"] == pytest.approx(record["probability"], abs=1e-5)
+    assert alternatives_table(result)["probability"][0] == pytest.approx(result.confidence)
+    assert all(a["probability"] != a["model_probability"] for a in record["alternatives"])  # the checkpoint is calibrated
     plain, picked = np.asarray(draw_marks(image, marks, scale)), np.asarray(draw_marks(image, marks, scale, selected=0))
 
     def red(array: np.ndarray) -> int:

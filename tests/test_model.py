@@ -143,12 +143,13 @@ def test_temperature_changes_confidence_not_the_greedy_reading(tiny_reader):
         assert all(q >= p - 1e-6 for p, q in zip(a.step_probs, b.step_probs))  # a cooler softmax is surer of its argmax
 
 
-def test_one_view_is_read_batch_and_two_copies_of_it_read_the_same(tiny_reader):
+@pytest.mark.parametrize("stack", [False, True])
+def test_one_view_is_read_batch_and_two_copies_of_it_read_the_same(tiny_reader, stack):
     torch.manual_seed(5)
     images = torch.rand(6, 1, 28, 56)
     single = read_batch(tiny_reader, images, beam=3, attention=True)
     assert [r.digits for r, _ in read_views(tiny_reader, [(images, None)], beam=3, attention=True)] == [r.digits for r, _ in single]
-    twice = read_views(tiny_reader, [(images, None), (images, None)], attention=True)
+    twice = read_views(tiny_reader, [(images, None), (images, None)], attention=True, stack=stack)
     for (reading, alternatives), (greedy, _) in zip(twice, read_batch(tiny_reader, images, attention=True)):
         assert reading.digits == greedy.digits and alternatives == []
         assert reading.step_probs == [pytest.approx(p, abs=1e-5) for p in greedy.step_probs]
@@ -156,12 +157,14 @@ def test_one_view_is_read_batch_and_two_copies_of_it_read_the_same(tiny_reader):
         assert torch.allclose(reading.attention, greedy.attention, atol=1e-5)
 
 
-def test_the_views_answer_is_the_candidate_they_find_most_probable_together(tiny_reader):
+@pytest.mark.parametrize("stack", [False, True])
+def test_the_views_answer_is_the_candidate_they_find_most_probable_together(tiny_reader, stack):
     """Each view's greedy reading is a candidate; the answer has the highest probability summed in log over
-    the views, and its confidence is the views' geometric mean."""
+    the views, and its confidence is the views' geometric mean. Stacked, the views of different sizes are
+    padded into one batch, which must not change what each view reads."""
     torch.manual_seed(6)
     views = [(torch.rand(8, 1, 28, 56), None), (torch.rand(8, 1, 36, 72), None), (torch.rand(8, 1, 32, 64), None)]
-    answers = read_views(tiny_reader, views, beam=3)
+    answers = read_views(tiny_reader, views, beam=3, stack=stack)
     encoded = [tiny_reader.encoder(images) for images, _ in views]
     greedy = [greedy_decode(tiny_reader, images) for images, _ in views]
 
