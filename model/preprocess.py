@@ -216,12 +216,12 @@ def to_grayscale(image: Image.Image) -> np.ndarray:
     if image.mode == "L":  # the common case (scans, MNIST, our examples), without the colour work below
         return np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
     # One contiguous float plane a channel: numpy reduces across planes several times faster than along
-    # a last axis of 3, and the 8-bit alpha needs no float copy unless something is transparent.
-    rgba = np.asarray(image.convert("RGBA"))
+    # a last axis of 3. RGB (photos) is read as it is, without an alpha channel to copy and test.
+    pixels = np.asarray(image if image.mode in ("RGB", "RGBA") else image.convert("RGBA"))
     unit = np.float32(1 / 255)
-    channels = [rgba[..., c].astype(np.float32) * unit for c in range(3)]
-    if rgba[..., 3].min() < 255:
-        alpha = rgba[..., 3].astype(np.float32) * unit
+    channels = [pixels[..., c].astype(np.float32) * unit for c in range(3)]
+    if pixels.shape[-1] == 4 and pixels[..., 3].min() < 255:
+        alpha = pixels[..., 3].astype(np.float32) * unit
         opaque = alpha > 0.5
         stroke_luma = float(np.mean([c[opaque].mean() for c in channels])) if opaque.any() else 0.0
         backdrop = np.float32(1.0 if stroke_luma < 0.5 else 0.0)
