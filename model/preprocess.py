@@ -725,6 +725,18 @@ def _profile_has_run(ink: np.ndarray, gap: int, run: int, horizontal: bool) -> b
     return bool(cv2.erode(cv2.dilate(profile, np.ones(closing, np.uint8)), np.ones(along, np.uint8)).any())
 
 
+def _may_hold_segment(candidates: np.ndarray, length: int, max_gap: int) -> bool:
+    """Whether the probabilistic Hough transform could find a segment in `candidates` (uint8): OpenCV keeps a
+    segment that spans `length` pixels across or down, walked from pixel to pixel over breaks of at most
+    `max_gap` steps, so it lies in one piece of the candidates grown by half that gap, and that piece spans
+    `length` too. A thick stroke a little shorter than that (a "1" on a canvas) passes the opening in
+    `_long_lines` and costs the transform the most; this test, a dilation and a labelling, skips it exactly."""
+    reach = max_gap // 2 + 1
+    grown = cv2.dilate(candidates, np.ones((2 * reach + 1, 2 * reach + 1), np.uint8))
+    _, _, stats, _ = cv2.connectedComponentsWithStats(grown, connectivity=8)
+    return bool(((stats[1:, cv2.CC_STAT_WIDTH] >= length) | (stats[1:, cv2.CC_STAT_HEIGHT] >= length)).any())
+
+
 def _long_lines(mask: np.ndarray, length: int, horizontal: bool, max_gap: int | None = None) -> np.ndarray:
     """Pixels of straight ink strokes at least `length` long and within 30 degrees of horizontal (or of
     vertical): rules, table and cell borders, a scan's dark margin. A probabilistic Hough transform finds
@@ -753,8 +765,11 @@ def _long_lines(mask: np.ndarray, length: int, horizontal: bool, max_gap: int | 
         return found.astype(bool)
     runs = cv2.dilate(kept, np.ones(along, np.uint8))
     candidates = np.minimum(runs, dotted)  # the transform only looks where such runs are: far fewer pixels
+    max_gap = max(2, length // 40) if max_gap is None else max_gap
+    if not _may_hold_segment(candidates, length, max_gap):
+        return found.astype(bool)
     segments = cv2.HoughLinesP(candidates, 1, np.pi / 180, threshold=max(4, int(0.7 * length)), minLineLength=length,
-                               maxLineGap=max(2, length // 40) if max_gap is None else max_gap)
+                               maxLineGap=max_gap)
     steep = math.tan(math.radians(60))
     for x0, y0, x1, y1 in [] if segments is None else segments.reshape(-1, 4).astype(int).tolist():
         if (abs(x1 - x0) > abs(y1 - y0) * steep) == horizontal:

@@ -442,3 +442,34 @@ def test_the_profile_test_skips_no_line_the_morphology_finds(shape, horizontal, 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(preprocess, "_profile_has_run", lambda *args: True)
         assert np.array_equal(with_shortcut, preprocess._long_lines(mask, length, horizontal))
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(
+    shape=st.tuples(st.integers(16, 160), st.integers(16, 160)),
+    length=st.integers(8, 140),
+    max_gap=st.integers(2, 8),
+    strokes=st.lists(
+        st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0.5, 1.3), st.floats(0, 180), st.integers(1, 4), st.integers(0, 10)),
+        min_size=1, max_size=4,
+    ),
+)
+def test_the_segment_test_skips_no_segment_the_transform_finds(shape, length, max_gap, strokes):
+    """`_long_lines` skips the Hough transform where `_may_hold_segment` says no piece of the candidates is long
+    enough. Strokes at any angle, near the sought length, some broken into dashes with breaks about the longest
+    the transform steps over: wherever the transform finds a segment, the test must have said it may."""
+    h, w = shape
+    candidates = np.zeros(shape, np.uint8)
+    for x, y, size, degrees, width, gap in strokes:
+        dx, dy = size * length / 2 * np.cos(np.radians(degrees)), size * length / 2 * np.sin(np.radians(degrees))
+        cx, cy = x * (w - 1), y * (h - 1)
+        stroke = np.zeros(shape, np.uint8)
+        cv2.line(stroke, (round(cx - dx), round(cy - dy)), (round(cx + dx), round(cy + dy)), 1, width)
+        if gap:  # dashes: `gap` pixels off in every 2 * gap + 3 along both axes
+            period = 2 * gap + 3
+            stroke[:, np.arange(w) % period < gap] = 0
+            stroke[np.arange(h) % period < gap] = 0
+        candidates |= stroke
+    segments = cv2.HoughLinesP(candidates, 1, np.pi / 180, threshold=max(4, int(0.7 * length)), minLineLength=length, maxLineGap=max_gap)
+    if segments is not None and len(segments):
+        assert preprocess._may_hold_segment(candidates, length, max_gap)
