@@ -36,8 +36,8 @@ read: setup
 eval: setup
 	$(PY) -m train.evaluate --suites all --n 2000 --beam 4 --beam-n 300 --out docs/eval
 
-eval-views: setup  # as the app reads: from three views of each image (model.pipeline.VIEW_SCALES)
-	$(PY) -m train.evaluate --suites all --n 1000 --views --out docs/eval-views
+eval-views: setup  # as the app reads: from three views of each image (model.pipeline.VIEW_SCALES), with a beam of 4 on 300 a suite
+	$(PY) -m train.evaluate --suites all --n 1000 --views --beam 4 --beam-n 300 --out docs/eval-views
 
 classifier: setup
 	$(TRAIN) --preset classifier --out runs/classifier
