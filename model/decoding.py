@@ -269,16 +269,23 @@ def read_batch(
     """Read a batch: (the answer's Reading, the beam's hypotheses best first) per image.
 
     The encoder runs once; greedy decoding and, with beam > 1, beam search share
-    its output. The answer is the best beam hypothesis when there is a beam, the
-    greedy reading otherwise. Where the beam's answer differs from the greedy one,
-    its Reading (step probabilities and attention) comes from a teacher-forced
-    pass over the answer, so what is shown is always what was answered.
+    its output. The answer is the most probable of the beam's hypotheses and the
+    greedy reading when there is a beam (a beam can prune the greedy path early and
+    finish on less probable readings), the greedy reading otherwise. Where the
+    answer differs from the greedy one, its Reading (step probabilities and
+    attention) comes from a teacher-forced pass over the answer, so what is shown
+    is always what was answered.
     """
     encoded = model.encoder(images, pixel_mask)
     readings = greedy_decode(model, images, pixel_mask, return_attention=attention, temperature=temperature, encoded=encoded)
     if beam <= 1:
         return [(reading, []) for reading in readings]
     beams = beam_search(model, images, pixel_mask, beam_size=beam, temperature=temperature, encoded=encoded)
+    for reading, hyps in zip(readings, beams):
+        if all(h.digits != reading.digits for h in hyps):
+            hyps.append(BeamHypothesis(list(reading.digits), sum(math.log(max(p, 1e-30)) for p in reading.step_probs)))
+            hyps.sort(key=lambda h: -h.log_prob)
+            del hyps[beam:]
     differ = [i for i, (reading, hyps) in enumerate(zip(readings, beams)) if hyps and hyps[0].digits != reading.digits]
     if differ:
         subset = _rows(encoded, torch.tensor(differ, device=images.device))

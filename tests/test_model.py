@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.decoding import Calibration, beam_search, greedy_decode, read_batch, read_views, score_sequences
+from model.decoding import BeamHypothesis, Calibration, beam_search, greedy_decode, read_batch, read_views, score_sequences
 from model.network import BOS, EOS, NUM_OUTPUTS, DigitClassifier, DigitReader, ModelConfig, PatchEmbedding
 from tests.conftest import TINY
 
@@ -115,8 +115,9 @@ def test_classifier_mode_and_oversized_input_error():
 
 
 def test_read_batch_encodes_once_and_answers_with_the_best_beam(tiny_reader):
-    """The one reading path: the encoder runs once for greedy and beam together; the answer is the beam's
-    best hypothesis, and its step probabilities and attention belong to that answer."""
+    """The one reading path: the encoder runs once for greedy and beam together; the answer is the most
+    probable of the beam's hypotheses and the greedy reading, and its step probabilities and attention
+    belong to that answer."""
     torch.manual_seed(3)
     images = torch.rand(8, 1, 28, 84)
     calls = []
@@ -127,11 +128,33 @@ def test_read_batch_encodes_once_and_answers_with_the_best_beam(tiny_reader):
         hook.remove()
     assert len(calls) == 1
     beams = beam_search(tiny_reader, images, beam_size=4)
-    for (reading, hyps), expected in zip(answers, beams):
-        assert [h.digits for h in hyps] == [h.digits for h in expected]
+    greedy = greedy_decode(tiny_reader, images)
+    for (reading, hyps), expected, first in zip(answers, beams, greedy):
+        candidates = list(expected)
+        if all(h.digits != first.digits for h in expected):
+            candidates.append(BeamHypothesis(first.digits, sum(math.log(p) for p in first.step_probs)))
+        assert [h.digits for h in hyps] == [h.digits for h in sorted(candidates, key=lambda h: -h.log_prob)[:4]]
         assert reading.digits == hyps[0].digits
         assert abs(reading.confidence - hyps[0].probability) < 1e-4
+        assert reading.confidence >= first.confidence - 1e-6
         assert reading.attention is not None and reading.attention.shape[0] == len(reading.step_probs)
+
+
+def test_read_batch_answers_greedy_where_the_beam_lost_a_more_probable_reading(tiny_reader, monkeypatch):
+    """A beam can prune the greedy path and finish on less probable readings; the answer is then the greedy
+    reading, ranked among the beam's hypotheses by its own probability."""
+    torch.manual_seed(4)
+    images = torch.rand(3, 1, 28, 84)
+    greedy = greedy_decode(tiny_reader, images)
+    worse = [
+        [BeamHypothesis([(d + 1) % 10 for d in g.digits] + extra, math.log(g.confidence) - 1.0 - k) for k, extra in enumerate(([7], [7, 1]))]
+        for g in greedy
+    ]
+    monkeypatch.setattr("model.decoding.beam_search", lambda *args, **kwargs: [list(hyps) for hyps in worse])
+    for (reading, hyps), first, lost in zip(read_batch(tiny_reader, images, beam=2), greedy, worse):
+        assert reading.digits == first.digits and reading.step_probs == first.step_probs
+        assert [h.digits for h in hyps] == [first.digits, lost[0].digits]
+        assert abs(hyps[0].probability - first.confidence) < 1e-5
 
 
 def test_temperature_changes_confidence_not_the_greedy_reading(tiny_reader):
