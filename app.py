@@ -18,7 +18,7 @@ from streamlit.runtime.uploaded_file_manager import UploadedFile
 from streamlit_cropper import st_cropper
 from streamlit_drawable_canvas import st_canvas
 
-from app_support.checkpoints import CHECKPOINTS_ENV, checkpoint_folder, reader_checkpoints
+from app_support.checkpoints import CHECKPOINTS_ENV, checkpoint_folder, reader_checkpoints, training_summary
 from app_support.examples import LAYOUT_CHOICES, STYLE_CHOICES, Example, shipped_example, synthesize_example
 from app_support.inputs import BEAM_WIDTH, UPLOAD_TYPES, app_reading, canvas_image, image_digest, suggested_box
 from app_support.visuals import (
@@ -83,12 +83,8 @@ def choose_reader() -> SequenceReader:
         st.stop()
     training, metrics = reader.meta.get("training", {}), reader.meta.get("metrics", {})
     exact = metrics.get("val_exact_match", {}).get("mean")
-    # A fine-tune's record counts its own steps only: say so, or its steps read as the model's whole training.
-    tuned = " of fine-tuning earlier weights" if training.get("config", {}).get("init_from") else ""
-    st.sidebar.caption(
-        f"Model: {path.name}, {training.get('step', '?')} training steps{tuned}"
-        + (f", {exact:.0%} of validation sequences read exactly." if exact is not None else ".")
-    )
+    st.sidebar.caption(f"Model: {path.name}, {training_summary(training)}"
+                       + (f", {exact:.0%} of validation sequences read exactly." if exact is not None else "."))
     return reader
 
 

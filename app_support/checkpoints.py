@@ -35,3 +35,14 @@ def reader_checkpoints(folder: Path) -> tuple[list[Path], list[str]]:
             readers.append(path)
     readers.sort(key=lambda p: (p.name != DEFAULT_CHECKPOINT.name, p.name))
     return readers, problems
+
+
+def training_summary(training: dict) -> str:
+    """How a checkpoint was trained, from its JSON's `training` entry, in a few words."""
+    parts = training.get("averaged_from")
+    if parts:  # train.average: each part's record counts its own fine-tuning steps
+        steps = " and ".join(str(part["training"].get("step", "?")) for part in parts)
+        return f"the mean of the weights of {len(parts)} fine-tunes ({steps} steps)"
+    # A fine-tune's record counts its own steps only: say so, or its steps read as the model's whole training.
+    tuned = " of fine-tuning earlier weights" if training.get("config", {}).get("init_from") else ""
+    return f"{training.get('step', '?')} training steps{tuned}"

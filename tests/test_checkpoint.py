@@ -49,3 +49,34 @@ def test_weights_file_holds_no_pickle(tmp_path, tiny_reader):
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     header = json.loads(path.read_bytes()[8 : 8 + header_len])
     assert set(header) - {"__metadata__"} == set(DigitReader(TINY).state_dict())
+
+
+def test_average_writes_the_mean_of_the_weights_and_where_they_came_from(tmp_path, capsys):
+    from dataclasses import replace
+
+    from app_support.checkpoints import training_summary
+    from train.average import main as average
+
+    paths, states = [], []
+    for seed, steps in ((0, 3), (1, 5)):
+        torch.manual_seed(seed)
+        part = DigitReader(TINY).eval()
+        states.append(part.state_dict())
+        paths.append(str(save_checkpoint(tmp_path / f"part{seed}", part, training={"step": steps})))
+    average([*paths, "--out", str(tmp_path / "mean")])
+    assert "calibrate it" in capsys.readouterr().out
+    mean, meta = load_checkpoint(tmp_path / "mean" / "last.safetensors")
+    for key, value in mean.state_dict().items():
+        expected = (states[0][key] + states[1][key]) / 2 if value.dtype.is_floating_point else states[1][key]
+        assert torch.allclose(value, expected, atol=1e-7), key
+    assert not torch.equal(states[0]["decoder.head.weight"], states[1]["decoder.head.weight"])  # the parts differ: the mean is not either
+    assert [part["checkpoint"] for part in meta["training"]["averaged_from"]] == paths
+    assert training_summary(meta["training"]) == "the mean of the weights of 2 fine-tunes (3 and 5 steps)"
+    assert "calibration" not in meta
+
+    torch.manual_seed(2)
+    other = save_checkpoint(tmp_path / "other", DigitReader(replace(TINY, d_model=16)).eval())
+    with pytest.raises(SystemExit, match="another model config"):
+        average([paths[0], str(other), "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="at least two"):
+        average([paths[0], "--out", str(tmp_path / "bad")])

@@ -127,3 +127,15 @@ def test_evaluation_and_calibration_read_from_views_as_the_app_does(tmp_path, ti
     assert all(b.shape[0] > a.shape[0] for a, b in zip(views[0], views[-1]))  # the last view's digits are taller
     fitted = fit_views(tiny_reader, [views], [s.digits for s in samples], temperature=1.0)
     assert fitted["scales"] == list(VIEW_SCALES) and 0.0 <= fitted["ece_after"] <= 1.0 and np.isfinite(fitted["slope"])
+
+
+def test_evaluation_on_validation_digits_builds_the_suites_from_them(tmp_path, tiny_reader, pools):
+    checkpoint = save_checkpoint(tmp_path / "tiny", tiny_reader)
+    out = tmp_path / "eval"
+    main(["--checkpoint", str(checkpoint), "--suites", "mnist-test", "--n", "20", "--split", "val", "--no-plots", "--out", str(out)])
+    report = json.loads((out / "results.json").read_text())
+    assert report["split"] == "val"
+    truths = {e["index"]: e["truth"] for e in report["suites"]["mnist-test"]["errors"]}
+    assert truths, "an untrained reader misreads some of 20 digits"
+    assert all(truth == [int(pools["val"].labels[i])] for i, truth in truths.items())
+    assert any(truth != [int(pools["test"].labels[i])] for i, truth in truths.items())  # not the test digits

@@ -7,6 +7,10 @@ number, PNG plots (accuracy against sequence length, digit confusion matrix)
 and a gallery of errors.
 
   python -m train.evaluate --checkpoint checkpoints/digit-reader.safetensors --suites all --n 2000
+
+`--split val` builds the same suites from the validation digits instead (held out of MNIST train,
+never trained on): choose between checkpoints there, so that the test figures of the one chosen
+stay an honest estimate.
 """
 
 from __future__ import annotations
@@ -157,13 +161,14 @@ def expected_calibration_error(confidences: list[float], correct: list[bool], bi
 
 def evaluate_suites(
     model: DigitReader | DigitClassifier, pools: dict, names: list[str], n: int, seed: int, beam: int, beam_n: int,
-    batch_size: int, calibration: Calibration = UNCALIBRATED, scales: tuple[float, ...] = (1.0,),
+    batch_size: int, calibration: Calibration = UNCALIBRATED, scales: tuple[float, ...] = (1.0,), split: str = "test",
 ) -> dict:
-    """Each suite read greedily (and by beam search on its first beam_n images), from the image at the
-    model's own scale or, with several `scales`, from a view at each (model.decoding.read_views)."""
+    """Each suite, built from the digits of `split`, read greedily (and by beam search on its first beam_n
+    images), from the image at the model's own scale or, with several `scales`, from a view at each
+    (model.decoding.read_views)."""
     results = {}
     for name in names:
-        samples = suite_samples(name, pools["test"], n, seed)
+        samples = suite_samples(name, pools[split], n, seed)
         views = canonical_views(samples, model.cfg, scales)
         truth = [s.digits for s in samples]
         greedy, confidences, seconds = predict(model, views, batch_size, calibration=calibration)
@@ -263,7 +268,7 @@ def reliability_plot(calibration: dict, path: Path) -> Path:
     return path
 
 
-def save_plots(results: dict, out_dir: Path, pools, n: int, seed: int, cfg: ModelConfig) -> list[Path]:
+def save_plots(results: dict, out_dir: Path, pools, n: int, seed: int, cfg: ModelConfig, split: str = "test") -> list[Path]:
     """Accuracy against length (strip suites), the confusion matrix, and an error gallery."""
     import matplotlib
 
@@ -308,11 +313,11 @@ def save_plots(results: dict, out_dir: Path, pools, n: int, seed: int, cfg: Mode
     fig.savefig(path, dpi=120)
     plt.close(fig)
     written.append(path)
-    written.append(error_gallery(results, out_dir / "errors.png", pools, n, seed, cfg))
+    written.append(error_gallery(results, out_dir / "errors.png", pools, n, seed, cfg, split))
     return written
 
 
-def error_gallery(results: dict, path: Path, pools, n: int, seed: int, cfg: ModelConfig, per_suite: int = 6) -> Path:
+def error_gallery(results: dict, path: Path, pools, n: int, seed: int, cfg: ModelConfig, split: str = "test", per_suite: int = 6) -> Path:
     """A grid of misread images (as the model saw them) with the true and predicted digits."""
     import matplotlib
 
@@ -323,7 +328,7 @@ def error_gallery(results: dict, path: Path, pools, n: int, seed: int, cfg: Mode
     for name, r in results.items():
         if not r["errors"]:
             continue
-        samples = suite_samples(name, pools["test"], n, seed)
+        samples = suite_samples(name, pools[split], n, seed)
         for err in r["errors"][:per_suite]:
             image = canonical_images([samples[err["index"]]], cfg)[0]
             picked.append((name, image, err["truth"], err["predicted"]))
@@ -349,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--suites", default="core", help=f"comma-separated names, 'core' ({','.join(CORE_SUITES)}) or 'all' ({','.join(SUITES)})")
     parser.add_argument("--n", type=int, default=2000, help="images per suite")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="digits to build the suites from: MNIST test (default), or the validation digits, to choose between checkpoints")
     parser.add_argument("--beam", type=int, default=0, help="also score beam search of this width ...")
     parser.add_argument("--beam-n", type=int, default=500, help="... on the first this many images of each suite")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -368,23 +375,24 @@ def main(argv: list[str] | None = None) -> None:
     calibration = Calibration.from_meta(meta, scales)
     if isinstance(model, DigitClassifier):
         names = [s for s in names if SUITES[s].layout in ("single", "mnist")]
-    pools = load_pools(args.data_root)
+    pools = load_pools(args.data_root, splits=(args.split,))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"evaluating {args.checkpoint} on {', '.join(names)} ({args.n} images each, seed {args.seed})", flush=True)
-    results = evaluate_suites(model, pools, names, args.n, args.seed, args.beam, args.beam_n, args.batch_size, calibration, scales)
+    print(f"evaluating {args.checkpoint} on {', '.join(names)} ({args.n} images each, seed {args.seed}, {args.split} digits)", flush=True)
+    results = evaluate_suites(model, pools, names, args.n, args.seed, args.beam, args.beam_n, args.batch_size, calibration, scales,
+                              args.split)
     summary = calibration_summary(results)
     table, errors = markdown_table(results), errors_table(results, summary)
     print(table)
     print()
     print(errors)
-    report = {"checkpoint": str(args.checkpoint), "n": args.n, "seed": args.seed, "beam": args.beam, "beam_n": args.beam_n,
+    report = {"checkpoint": str(args.checkpoint), "split": args.split, "n": args.n, "seed": args.seed, "beam": args.beam, "beam_n": args.beam_n,
               "view_scales": list(scales),
               "calibration_map": meta.get("calibration", {}), "torch_threads": torch.get_num_threads(), "calibration": summary,
               "suites": results, "table": table, "errors_table": errors}
     (out / "results.json").write_text(json.dumps(report) + "\n")
     if not args.no_plots:
-        for path in [*save_plots(results, out, pools, args.n, args.seed, model.cfg), reliability_plot(summary, out / "reliability.png")]:
+        for path in [*save_plots(results, out, pools, args.n, args.seed, model.cfg, args.split), reliability_plot(summary, out / "reliability.png")]:
             print(f"wrote {path}")
     print(f"wrote {out / 'results.json'}")
 
