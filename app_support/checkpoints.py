@@ -41,8 +41,8 @@ def training_summary(training: dict) -> str:
     """How a checkpoint was trained, from its JSON's `training` entry, in a few words."""
     parts = training.get("averaged_from")
     if parts:  # train.average: each part's record counts its own fine-tuning steps
-        steps = " and ".join(str(part["training"].get("step", "?")) for part in parts)
-        return f"the mean of the weights of {len(parts)} fine-tunes ({steps} steps)"
+        steps = [str(part["training"].get("step", "?")) for part in parts]
+        return f"the mean of the weights of {len(parts)} fine-tunes ({', '.join(steps[:-1])} and {steps[-1]} steps)"
     # A fine-tune's record counts its own steps only: say so, or its steps read as the model's whole training.
     tuned = " of fine-tuning earlier weights" if training.get("config", {}).get("init_from") else ""
     return f"{training.get('step', '?')} training steps{tuned}"

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from streamlit.testing.v1 import AppTest
 
 import data.mnist
-from app_support.checkpoints import CHECKPOINTS_ENV, reader_checkpoints
+from app_support.checkpoints import CHECKPOINTS_ENV, reader_checkpoints, training_summary
 from app_support.examples import EXAMPLES_DIR, LABELS_FILE, shipped_example, synthesize_example
 from app_support.inputs import app_reading, canvas_image, image_digest, suggested_box
 from app_support.visuals import (
@@ -128,11 +128,17 @@ def test_empty_canvas_shows_hint_not_error(app: AppTest) -> None:
     assert app.slider[0].value == 16  # the brush width
 
 
-def test_the_sidebar_says_a_fine_tuned_checkpoint_was_fine_tuned(app: AppTest, reader: SequenceReader) -> None:
-    training = reader.meta["training"]
-    assert training["config"]["init_from"], "the shipped checkpoint (v11) is v10 fine-tuned"
-    expected = f"{training['step']} training steps of fine-tuning earlier weights"
-    assert any(expected in caption.value for caption in app.sidebar.caption)
+def test_the_sidebar_says_how_the_checkpoint_was_trained(app: AppTest, reader: SequenceReader) -> None:
+    expected = training_summary(reader.meta["training"])
+    assert "fine-tun" in expected, "the shipped checkpoint is fine-tuned from earlier weights"
+    assert any(f"Model: digit-reader.safetensors, {expected}" in caption.value for caption in app.sidebar.caption)
+
+
+def test_training_summary_tells_fresh_fine_tuned_and_averaged_checkpoints_apart() -> None:
+    assert training_summary({"step": 7, "config": {"init_from": ""}}) == "7 training steps"
+    assert training_summary({"step": 7, "config": {"init_from": "v1.safetensors"}}) == "7 training steps of fine-tuning earlier weights"
+    averaged = {"averaged_from": [{"training": {"step": 3}}, {"training": {"step": 5}}, {"training": {}}]}
+    assert training_summary(averaged) == "the mean of the weights of 3 fine-tunes (3, 5 and ? steps)"
 
 
 def test_uploaded_png_is_read_with_confidence_beam_and_attention(app: AppTest, reader: SequenceReader) -> None:
