@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from model.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
 from model.network import DigitClassifier, DigitReader
 
@@ -57,8 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         model, training = average_checkpoints(args.checkpoints)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
-    with torch.no_grad():
-        path = save_checkpoint(Path(args.out) / "last.safetensors", model, training=training)
+    path = save_checkpoint(Path(args.out) / "last.safetensors", model, training=training)
     print(f"wrote {path}: the mean of {len(args.checkpoints)} checkpoints; calibrate it before use "
           f"(python -m train.calibrate --checkpoint {path})")
 
