@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from fractions import Fraction
 from pathlib import Path
 
 from model.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, read_meta
@@ -37,12 +38,25 @@ def reader_checkpoints(folder: Path) -> tuple[list[Path], list[str]]:
     return readers, problems
 
 
+def _fine_tunes(training: dict, weight: Fraction = Fraction(1)) -> list[tuple[str, Fraction]]:
+    """Each run whose weights went into a checkpoint, as (its steps, its share of the weights): one for a
+    trained checkpoint; for a mean (train.average), its parts' runs, a mean of means counted through."""
+    parts = training.get("averaged_from")
+    if not parts:
+        return [(str(training.get("step", "?")), weight)]
+    return [run for part in parts for run in _fine_tunes(part.get("training", {}), weight / len(parts))]
+
+
 def training_summary(training: dict) -> str:
     """How a checkpoint was trained, from its JSON's `training` entry, in a few words."""
-    parts = training.get("averaged_from")
-    if parts:  # train.average: each part's record counts its own fine-tuning steps
-        steps = [str(part["training"].get("step", "?")) for part in parts]
-        return f"the mean of the weights of {len(parts)} fine-tunes ({', '.join(steps[:-1])} and {steps[-1]} steps)"
+    if training.get("averaged_from"):  # train.average: each part's record counts its own fine-tuning steps
+        runs = _fine_tunes(training)
+        steps = [steps for steps, _ in runs]
+        listed = f"{', '.join(steps[:-1])} and {steps[-1]} steps"
+        if len({share for _, share in runs}) == 1:
+            return f"the mean of the weights of {len(runs)} fine-tunes ({listed})"
+        shares = ", ".join(str(share) for _, share in runs)
+        return f"a weighted mean of the weights of {len(runs)} fine-tunes ({listed}; shares {shares})"
     # A fine-tune's record counts its own steps only: say so, or its steps read as the model's whole training.
     tuned = " of fine-tuning earlier weights" if training.get("config", {}).get("init_from") else ""
     return f"{training.get('step', '?')} training steps{tuned}"

@@ -158,9 +158,15 @@ TRAIN = Style(
 SHAPES = replace(TRAIN, thin_prob=0.0, thick_prob=0.0, brush_prob=0.0, spacing=(0, 6), jitter=0, slope=0.0, drift=0.0,
                  image_scale=(1.0, 1.0), invert_prob=0.0, paper_prob=0.0, blur_prob=0.0, noise_prob=0.0, contrast_prob=0.0,
                  jpeg_prob=0.0, lowres_prob=0.0, roundtrip_prob=0.0)
-HARD = Style(  # the hard evaluation suites: stronger than training, and fixed whatever training uses
+# The hard evaluation suites' distortions: stronger than the training style. The suites render raw and
+# never read lowres_prob or roundtrip_prob; those two let training use the style too ("hard" in a
+# mixture): half its samples take the raw route, so that they lose resolution at image scales below 1
+# and blur and noise at the raw scale as the suites do, and the rest lose resolution on the
+# canonical path.
+HARD = Style(
     rotation=15, shear=0.2, scale=(0.85, 1.15), aspect=0.12, elastic=1.0, thin_prob=0.3, thick_prob=0.35,
     spacing=(-2, 8), jitter=3, image_scale=(0.5, 3.0), invert_prob=0.5, blur_prob=0.6, noise_prob=0.6, contrast_prob=0.3,
+    lowres_prob=0.35, roundtrip_prob=0.5,
 )
 # What streamlit-drawable-canvas sends: a round brush 10-22 px wide on digits drawn 5-9x MNIST's
 # size (so 1.1-4.4 px at MNIST's scale), both polarities, sizes that vary, a baseline that

@@ -139,6 +139,10 @@ def test_training_summary_tells_fresh_fine_tuned_and_averaged_checkpoints_apart(
     assert training_summary({"step": 7, "config": {"init_from": "v1.safetensors"}}) == "7 training steps of fine-tuning earlier weights"
     averaged = {"averaged_from": [{"training": {"step": 3}}, {"training": {"step": 5}}, {"training": {}}]}
     assert training_summary(averaged) == "the mean of the weights of 3 fine-tunes (3, 5 and ? steps)"
+    mean_of_a_mean = {"averaged_from": [{"training": averaged}, {"training": {"step": 9}}]}
+    assert training_summary(mean_of_a_mean) == (
+        "a weighted mean of the weights of 4 fine-tunes (3, 5, ? and 9 steps; shares 1/6, 1/6, 1/6, 1/2)"
+    )
 
 
 def test_uploaded_png_is_read_with_confidence_beam_and_attention(app: AppTest, reader: SequenceReader) -> None:

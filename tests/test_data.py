@@ -8,6 +8,7 @@ import torch
 import data.synth as synth_module
 import train.loop as train_loop
 from data.mnist import DatasetMissingError, DigitPool, load_pools
+from data.suites import SUITES
 from data.synth import LAYOUTS, STYLES, AmbiguousLayout, SequenceSynth, reading_order
 from train.evaluate import evaluate_suites, suite_samples
 
@@ -84,6 +85,17 @@ def test_generator_is_deterministic_for_a_seed(pools):
     assert all(np.array_equal(x.image, y.image) and x.digits == y.digits for x, y in zip(a, b))
     assert any(x.digits != z.digits for x, z in zip(a, c))
     assert suite_samples("grid2x2", pools["test"], 10)[3].digits == suite_samples("grid2x2", pools["test"], 10)[3].digits
+
+
+@pytest.mark.parametrize("suite", ["strip-hard", "drawn"])
+def test_suites_ignore_what_only_the_training_path_reads(pools, monkeypatch, suite):
+    """A suite renders raw: a style's training-path fields (lowres_prob, roundtrip_prob) must not change its
+    images, so that a style can join the training mixture (the hard one did) without moving the suite."""
+    before = suite_samples(suite, pools["test"], 12)
+    style = SUITES[suite].style
+    monkeypatch.setitem(STYLES, style, replace(STYLES[style], lowres_prob=0.9, roundtrip_prob=0.0))
+    after = suite_samples(suite, pools["test"], 12)
+    assert all(np.array_equal(x.image, y.image) and x.digits == y.digits for x, y in zip(before, after, strict=True))
 
 
 def test_splits_never_mix(pools, tiny_reader, tmp_path, monkeypatch):
