@@ -69,12 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=1000, help="images per suite (default 1000)")
     parser.add_argument("--passes", type=int, default=1, help="preprocessing passes timed per version (default 1)")
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="digits to build the suites from (val: to choose a change without the test suites)")
     parser.add_argument("--data-root", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     old = preprocess_at(args.against)
     model, _ = load_checkpoint(args.checkpoint)
-    pool = load_pools(args.data_root, splits=("test",))["test"]
+    pool = load_pools(args.data_root, splits=(args.split,))[args.split]
     print(f"{args.checkpoint}; model/preprocess.py of the working tree against {args.against}; {args.n} images a suite")
     print("| suite | exact (against) | exact (now) | inputs changed | fixed | broken | ms/image (against) | ms/image (now) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
