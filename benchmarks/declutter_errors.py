@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.declutter_errors", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    parser.add_argument("--suites", default="single,strip,single-hard,grid2x2-hard,strip-hard,scatter-hard")
+    parser.add_argument("--suites", nargs="+", default=["single", "strip", "single-hard", "grid2x2-hard", "strip-hard", "scatter-hard"],
+                        choices=sorted(SUITES), metavar="SUITE")
     parser.add_argument("--n", type=int, default=500, help="images per suite (default 500)")
     parser.add_argument("--split", choices=("test", "val"), default="val",
                         help="digits to build the suites from (default val: looking at errors is part of choosing what to change)")
@@ -34,16 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = args.suites.split(",")
-    unknown = [name for name in names if name not in SUITES]
-    if unknown:
-        parser.error(f"unknown suites {unknown}; choose from {', '.join(SUITES)}")
     pool = load_pools(args.data_root, splits=(args.split,))[args.split]
     reader = SequenceReader(args.checkpoint)
     print(f"checkpoint {args.checkpoint}, {args.n} images a suite from {args.split} digits, greedy, one view")
     print("| suite | misread | lines taken (misread) | marks taken (misread) | misread, nothing taken |")
     print("|---|---:|---:|---:|---:|")
-    for name in names:
+    for name in args.suites:
         samples = suite_samples(name, pool, args.n)
         results = reader.read([sample.image for sample in samples])
         outcomes = [(result.digits != sample.digits, result.preprocessed.removed)
