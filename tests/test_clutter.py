@@ -331,6 +331,38 @@ def test_a_lone_tall_one_is_a_digit_not_a_line():
     assert out.removed == () and out.image.max() > 0.5 and out.digit_height > 150
 
 
+def test_a_lone_digit_that_fills_its_image_keeps_its_long_stroke():
+    """A 4 whose stem runs 85% of a small image's height, as MNIST's digits fill theirs: the stem spans the
+    image like a cell's side, but the rest of the 4 is joined to it, so it is the digit's, and stays."""
+    canvas = np.zeros((30, 28), np.float32)
+    cv2.line(canvas, (18, 2), (18, 27), 1.0, 3)  # the stem
+    cv2.line(canvas, (8, 3), (5, 17), 1.0, 3)  # the left stroke
+    cv2.line(canvas, (5, 17), (23, 17), 1.0, 3)  # the bar, through the stem
+    out = preprocess_array(cv2.GaussianBlur(canvas, (0, 0), 0.8), 16.0)
+    assert out.removed == ()
+    assert out.digit_height > 25  # measured on the stem, not on the left stroke alone
+
+
+def test_stacked_bold_digits_of_a_grid_are_not_a_table_line(pools):
+    """A `grid2x2-hard` image (validation digits 8, 1 / 8, 0) whose left column, two bold blurred digits
+    one over the other, holds a straight run as long as a table line: a piece half a digit thick, not a
+    line, so both columns of the grid stay."""
+    sample = suite_samples("grid2x2-hard", pools["val"], 300)[174]
+    assert sample.digits == [8, 1, 8, 0]
+    height, width = preprocess_array(np.clip(sample.image, 0, 1), 16.0).image.shape
+    assert width >= 0.8 * height  # with the left column taken out, it was 58x32
+
+
+def test_a_cell_side_beside_a_lone_digit_still_goes():
+    """An image of that size with a straight side down its left edge and a digit apart from it: a side."""
+    canvas = np.zeros((30, 28), np.float32)
+    cv2.line(canvas, (2, 1), (2, 28), 1.0, 2)
+    cv2.ellipse(canvas, (16, 15), (6, 8), 0, 0, 360, 1.0, 3)  # a 0, 19 px tall, clear of the side
+    out = preprocess_array(cv2.GaussianBlur(canvas, (0, 0), 0.8), 16.0)
+    assert "lines" in out.removed
+    assert out.digit_height < 22
+
+
 @pytest.mark.parametrize("degrees", [-12.0, -6.0, 5.0, 11.0])
 def test_a_turned_line_of_digits_is_levelled(paper_strip, degrees):
     paper, _ = paper_strip
