@@ -387,15 +387,26 @@ def dark_ink(gray: np.ndarray) -> bool:
     median over 0.5 means dark ink. A dim photo's paper can fall just under that (a lamp's fall-off from
     0.8 to 0.35): a median from 0.4 to 0.5 that lies above the middle of the darkest and lightest 2%
     means dark ink too. (The middle alone misjudges faint ink on light paper, whose median is near it.)
-    A strided sample of about 20,000 pixels decides as well as all of them."""
+    A strided sample of about 20,000 pixels decides as well as all of them.
+
+    A bold digit cropped close can cover more than half its image, and then the median is the ink's. The
+    image's edge is the paper's even then: where more than half the edge lies far on the other side of
+    mid-grey (under 0.25, or over 0.75), the edge decides."""
     step = max(1, int(math.sqrt(gray.size / 20_000)))
     sample = gray[::step, ::step]
     if np.count_nonzero(sample > 0.5) * 2 > sample.size:  # the median is over 0.5, found without a sort
-        return True
-    if np.count_nonzero(sample > 0.4) * 2 <= sample.size:
+        by_level = True
+    elif np.count_nonzero(sample > 0.4) * 2 <= sample.size:
+        by_level = False
+    else:
+        darkest, median, lightest = np.percentile(sample, [2, 50, 98])
+        by_level = bool(median > (darkest + lightest) / 2)
+    edge = np.concatenate([sample[0], sample[-1], sample[1:-1, 0], sample[1:-1, -1]])
+    if by_level and np.count_nonzero(edge < 0.25) * 2 > edge.size:
         return False
-    darkest, median, lightest = np.percentile(sample, [2, 50, 98])
-    return bool(median > (darkest + lightest) / 2)
+    if not by_level and np.count_nonzero(edge > 0.75) * 2 > edge.size:
+        return True
+    return by_level
 
 
 def preprocess_array(

@@ -69,6 +69,17 @@ def test_a_dim_photo_whose_paper_is_mostly_darker_than_mid_grey_is_still_dark_in
     out = preprocess_array(dim)
     assert out.inverted and out.image.shape == preprocess_array(paper).image.shape
 
+def test_a_bold_digit_that_covers_most_of_its_image_keeps_its_polarity():
+    """A 0 written bold and cropped close covers more than half its image, so the median is the ink's;
+    the image's edge is still the paper's, and decides."""
+    bright = np.full((32, 32), 0.05, np.float32)
+    cv2.ellipse(bright, (16, 16), (8, 9), 0, 0, 360, 0.95, 10)  # 56% of the pixels, clear of the edge
+    assert np.median(bright) > 0.5
+    assert not dark_ink(bright) and dark_ink(1.0 - bright)
+    out = preprocess_array(bright)
+    assert not out.inverted and out.removed == ()
+
+
 def test_uneven_lighting_is_removed(strip):
     paper = _upscale(1.0 - strip, 3.0)
     h, w = paper.shape
