@@ -895,7 +895,7 @@ def _stroke_of_a_glyph(mask: np.ndarray, lines: np.ndarray) -> bool:
     rest = mask & ~lines
     near = cv2.dilate(lines.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
     touching = np.count_nonzero(rest & near)
-    return touching > 0 and 10 * touching >= np.count_nonzero(rest)
+    return bool(touching > 0 and 10 * touching >= np.count_nonzero(rest))
 
 
 def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], float]:
