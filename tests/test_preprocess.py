@@ -69,6 +69,7 @@ def test_a_dim_photo_whose_paper_is_mostly_darker_than_mid_grey_is_still_dark_in
     out = preprocess_array(dim)
     assert out.inverted and out.image.shape == preprocess_array(paper).image.shape
 
+
 def test_a_bold_digit_that_covers_most_of_its_image_keeps_its_polarity():
     """A 0 written bold and cropped close covers more than half its image, so the median is the ink's;
     the image's edge is still the paper's, and decides."""
