@@ -555,6 +555,11 @@ def _ink(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 FAINT_INK = 0.25  # ink level (of the brightest ink's) at which `remove_clutter` looks for faint rules
+# Digits shorter than this (px of the working image) keep their small marks (`remove_clutter`). A piece under half
+# of such a digit is a few pixels, as likely what the ink mask kept of a thin or faint stroke (a pencil digit beside
+# bold ones, broken into specks) as a mark, and whole digits went for marks; the model, trained on noise, reads past
+# specks. Photos of paper, where marks are, have taller digits. Chosen on validation images (docs/TRAINING.md).
+MARKS_FROM_HEIGHT = 32
 MIN_SKEW = 3.0  # smaller angles are left alone: a line of digits slants that much by the shapes of its digits
 MAX_SKEW = 15.0
 
@@ -914,8 +919,8 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     back, and the short sides of a frame whose long sides went go too (`_frame_sides`). Where such lines
     are found, fainter ones are looked for too, on a smoothed mask at a lower level (FAINT_INK).
     Marks are groups of small pieces of ink (see below) under half a digit height each way, or chains of them
-    longer than 1.3 digit heights and under 0.3 across (what the ink mask keeps of a faint rule). Nothing is
-    taken when it would take all the ink.
+    longer than 1.3 digit heights and under 0.3 across (what the ink mask keeps of a faint rule), taken only
+    where the digits are MARKS_FROM_HEIGHT pixels tall or more. Nothing is taken when it would take all the ink.
     """
     x0, (h, w) = x, mask.shape
     span_w, span_h = math.ceil(0.8 * w), math.ceil(0.8 * h)
@@ -961,10 +966,11 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
         rest &= ~_frame_sides(rest, mask & ~rest, digit)
         x = np.where(mask & ~rest, 0.0, x).astype(np.float32)
     # Marks: groups of pieces of ink (boxes within 0.3 of a digit height of each other) smaller than half a
-    # digit height each way. The pieces of a thin digit broken apart make a group of a digit's size, and stay.
+    # digit height each way, where digits are MARKS_FROM_HEIGHT tall or more. The pieces of a thin digit broken
+    # apart make a group of a digit's size, and stay.
     if removed:
         count, labels, stats, _ = cv2.connectedComponentsWithStats(rest.astype(np.uint8), connectivity=8)
-    if count > 2:
+    if count > 2 and digit >= MARKS_FROM_HEIGHT:
         left, top, width, height = (stats[1:, k].astype(np.float64) for k in range(4))
         small = (width < 0.5 * digit) & (height < 0.5 * digit)
         if small.any() and not small.all():

@@ -353,6 +353,18 @@ def test_stacked_bold_digits_of_a_grid_are_not_a_table_line(pools):
     assert width >= 0.8 * height  # with the left column taken out, it was 58x32
 
 
+def test_faint_digits_of_a_small_grid_are_not_taken_for_marks(pools):
+    """`grid2x2-hard` validation images whose thin, faint digits the ink mask breaks into specks beside bold
+    ones: 7, 4 / 7, 0 lost a row to "marks" and 4, 5 / 1, 5 a column. In images this small a speck is a few
+    pixels, as likely a stroke's as a mark's, so nothing is taken and the grid keeps its rows and columns."""
+    samples = suite_samples("grid2x2-hard", pools["val"], 300)
+    for index, digits in ((60, [7, 4, 7, 0]), (181, [4, 5, 1, 5])):
+        assert samples[index].digits == digits
+        out = preprocess_array(np.clip(samples[index].image, 0, 1), 16.0)
+        assert out.removed == ()
+        assert min(out.image.shape) >= 0.8 * max(out.image.shape)  # 25x50 and 44x23 when the specks went
+
+
 def test_a_cell_side_beside_a_lone_digit_still_goes():
     """An image of that size with a straight side down its left edge and a digit apart from it: a side."""
     canvas = np.zeros((30, 28), np.float32)
