@@ -555,11 +555,14 @@ def _ink(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 FAINT_INK = 0.25  # ink level (of the brightest ink's) at which `remove_clutter` looks for faint rules
-# Digits shorter than this (px of the working image) keep their small marks (`remove_clutter`). A piece under half
-# of such a digit is a few pixels, as likely what the ink mask kept of a thin or faint stroke (a pencil digit beside
-# bold ones, broken into specks) as a mark, and whole digits went for marks; the model, trained on noise, reads past
-# specks. Photos of paper, where marks are, have taller digits. Chosen on validation images (docs/TRAINING.md).
-MARKS_FROM_HEIGHT = 32
+# Digits shorter than this (px of the working image) keep what `remove_clutter` measures against them: small
+# marks, and straight runs of two digit heights or so. At that size a piece under half a digit is a few pixels, as
+# likely what the ink mask kept of a thin or faint stroke (a pencil digit beside bold ones, broken into specks) as a
+# mark, and two digits stacked in a grid's column a pixel or two apart (a 1 over a 1, a 7's stem over a 5) make one
+# straight run that the line finder steps along: whole digits went as marks or as lines. The model, trained on noise,
+# reads past specks; lines that span the image still go. Photos of paper, where such clutter is, have taller digits.
+# Chosen on validation images (docs/TRAINING.md, "Marks in small images").
+SMALL_CLUTTER_MIN_DIGIT_HEIGHT = 32
 MIN_SKEW = 3.0  # smaller angles are left alone: a line of digits slants that much by the shapes of its digits
 MAX_SKEW = 15.0
 
@@ -914,13 +917,14 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     stroke with the rest of a digit joined to it (`_stroke_of_a_glyph`); the digit height is then measured
     on what is left less the tops and bottoms of frames (`_frame_lines`) and dashed or broken boxes around
     ink (`_boxes_around_ink`), which go, and straight strokes longer than 2.5 digit heights (1.8 for
-    vertical ones: no digit stroke is that tall) and at most 0.4 of one thick (`_thin_pieces`) go too.
+    vertical ones: no digit stroke is that tall) and at most 0.4 of one thick (`_thin_pieces`) go too, where
+    the digits are SMALL_CLUTTER_MIN_DIGIT_HEIGHT pixels tall or more.
     Where a digit's stroke crosses a removed line, the line's pixels between the stroke's two sides are put
     back, and the short sides of a frame whose long sides went go too (`_frame_sides`). Where such lines
     are found, fainter ones are looked for too, on a smoothed mask at a lower level (FAINT_INK).
     Marks are groups of small pieces of ink (see below) under half a digit height each way, or chains of them
     longer than 1.3 digit heights and under 0.3 across (what the ink mask keeps of a faint rule), taken only
-    where the digits are MARKS_FROM_HEIGHT pixels tall or more. Nothing is taken when it would take all the ink.
+    there too. Nothing is taken when it would take all the ink.
     """
     x0, (h, w) = x, mask.shape
     span_w, span_h = math.ceil(0.8 * w), math.ceil(0.8 * h)
@@ -945,8 +949,10 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     frames = _frame_lines(labels, stats, across) | _boxes_around_ink(rest, stats, centres)
     all_ink = not frames.any() or not (rest & ~frames).any()
     digit = estimate_digit_height(rest, stats[1:]) if all_ink else estimate_digit_height(rest & ~frames)
-    shorter_across = _thin_pieces(_long_lines(rest, round(2.5 * digit), True), True, 0.4 * digit) | frames
-    shorter_down = _thin_pieces(_long_lines(rest, round(1.8 * digit), False), False, 0.4 * digit)
+    shorter_across, shorter_down = frames, np.zeros_like(frames)
+    if digit >= SMALL_CLUTTER_MIN_DIGIT_HEIGHT:
+        shorter_across = _thin_pieces(_long_lines(rest, round(2.5 * digit), True), True, 0.4 * digit) | frames
+        shorter_down = _thin_pieces(_long_lines(rest, round(1.8 * digit), False), False, 0.4 * digit)
     if (rest & ~(shorter_across | shorter_down)).any():  # never everything: then the "lines" are the writing
         across |= shorter_across
         down |= shorter_down
@@ -966,11 +972,11 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
         rest &= ~_frame_sides(rest, mask & ~rest, digit)
         x = np.where(mask & ~rest, 0.0, x).astype(np.float32)
     # Marks: groups of pieces of ink (boxes within 0.3 of a digit height of each other) smaller than half a
-    # digit height each way, where digits are MARKS_FROM_HEIGHT tall or more. The pieces of a thin digit broken
-    # apart make a group of a digit's size, and stay.
+    # digit height each way, where digits are SMALL_CLUTTER_MIN_DIGIT_HEIGHT tall or more. The pieces of a thin
+    # digit broken apart make a group of a digit's size, and stay.
     if removed:
         count, labels, stats, _ = cv2.connectedComponentsWithStats(rest.astype(np.uint8), connectivity=8)
-    if count > 2 and digit >= MARKS_FROM_HEIGHT:
+    if count > 2 and digit >= SMALL_CLUTTER_MIN_DIGIT_HEIGHT:
         left, top, width, height = (stats[1:, k].astype(np.float64) for k in range(4))
         small = (width < 0.5 * digit) & (height < 0.5 * digit)
         if small.any() and not small.all():
