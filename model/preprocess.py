@@ -561,7 +561,7 @@ FAINT_INK = 0.25  # ink level (of the brightest ink's) at which `remove_clutter`
 # mark, and two digits stacked in a grid's column a pixel or two apart (a 1 over a 1, a 7's stem over a 5) make one
 # straight run that the line finder steps along: whole digits went as marks or as lines. The model, trained on noise,
 # reads past specks; lines that span the image still go. Photos of paper, where such clutter is, have taller digits.
-# Chosen on validation images (docs/TRAINING.md, "Marks in small images").
+# Chosen on validation images (docs/TRAINING.md, "Marks and short lines in small images").
 SMALL_CLUTTER_MIN_DIGIT_HEIGHT = 32
 MIN_SKEW = 3.0  # smaller angles are left alone: a line of digits slants that much by the shapes of its digits
 MAX_SKEW = 15.0
