@@ -13,6 +13,7 @@ from model.checkpoint import load_checkpoint
 from model.decoding import greedy_decode
 from model.network import DigitReader
 from tests.conftest import TINY
+from train import loop
 from train.batches import IGNORE, BatchMaker, TrainingStream, step_loader
 from train.loop import PRESETS, learning_rate, loss_on, train
 
@@ -88,6 +89,33 @@ def test_a_budgeted_run_pretrains_the_encoder_then_reads_within_its_budget(tmp_p
     again = load_checkpoint(tmp_path / "run" / "last.safetensors")[1]["training"]
     assert again["step"] == reader["step"]
     assert load_checkpoint(tmp_path / "run" / "encoder" / "last.safetensors")[1]["training"]["step"] == encoder["step"]
+
+
+def test_a_run_given_less_time_than_its_last_validation_needs_stops_before_its_first_step(tmp_path):
+    """0.5 s is under the second a budgeted run keeps for its final validation and checkpoint. Its deadline
+    once came out negative, which reads as no deadline, and the run took all its steps."""
+    cfg = replace(PRESETS["tiny"], steps=60, time_budget_s=0.5, eval_every=10**6, save_every=10**6)
+    train(cfg, tmp_path / "run")
+    reader = load_checkpoint(tmp_path / "run" / "last.safetensors")[1]["training"]
+    assert reader["finished"] and reader["step"] == 0
+
+
+def test_a_classifier_stage_that_overran_the_budget_leaves_the_reader_no_steps(tmp_path, monkeypatch):
+    """On a busy machine a short run's classifier stage can take more than the whole budget (its final
+    validation and checkpoint); the reader then had a negative budget, read as none, and trained without
+    end (`make test` beside an evaluation). Here the stage reports 60 s of a 10 s budget."""
+    real_read_meta = loop.read_meta
+
+    def overran(path):
+        meta = real_read_meta(path)
+        meta["training"]["elapsed_s"] = 60.0
+        return meta
+
+    monkeypatch.setattr("train.loop.read_meta", overran)
+    cfg = replace(PRESETS["tiny"], steps=60, time_budget_s=10.0, pretrain_s=2.0, eval_every=10**6, save_every=10**6)
+    train(cfg, tmp_path / "run")
+    reader = load_checkpoint(tmp_path / "run" / "last.safetensors")[1]["training"]
+    assert reader["finished"] and reader["step"] == 0
 
 
 def test_the_reader_stage_records_the_commit_its_run_started_from(tmp_path, monkeypatch):

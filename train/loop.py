@@ -145,6 +145,9 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
+MIN_BUDGET_S = 1e-3  # the least time budget a stage is given: 0 means none
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name != "auto":
         return torch.device(name)
@@ -363,7 +366,9 @@ def train(
             stage = read_meta(encoder)["training"]
             started_at_commit = stage.get("started_at_commit", "")  # the run's commit is its first stage's
             if budget:
-                budget -= stage["elapsed_s"]
+                # What the classifier stage left; never 0, which would mean no budget: a stage that overran it
+                # (its final validation and checkpoint on a busy machine) leaves the reader a sliver, and it stops at once.
+                budget = max(budget - stage["elapsed_s"], MIN_BUDGET_S)
         return _train(
             cfg, out, place, data_root, resume and (out / "last.safetensors").exists(), on_validation, budget, init_encoder,
             started_at_commit,
@@ -476,8 +481,9 @@ class _Stage:
             print(f"{cfg.model.kind}: {count_parameters(self.model):,} parameters, device {place.device}, {length}{processes}")
         training_mode(self.model, cfg.freeze_batchnorm)
         metrics: dict = {}
-        # A budgeted run stops early enough for its final validation and checkpoint to fit.
-        deadline = self.budget_s - min(15.0, max(1.0, 0.05 * self.budget_s)) if self.budget_s else 0.0
+        # A budgeted run stops early enough for its final validation and checkpoint to fit; one given less than that
+        # margin stops before its first step (a deadline of 0 or less would be none, and it would run all its steps).
+        deadline = max(MIN_BUDGET_S, self.budget_s - min(15.0, max(1.0, 0.05 * self.budget_s))) if self.budget_s else 0.0
         bar = tqdm(total=None if self.budget_s else cfg.steps, initial=self.start_step, dynamic_ncols=True, mininterval=2.0,
                    disable=not place.is_main)
         window_start, window_samples = time.time(), 0
