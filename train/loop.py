@@ -145,7 +145,7 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
-MIN_BUDGET_S = 1e-3  # the least time budget a stage is given: 0 means none
+MIN_DEADLINE_S = 1e-3  # a budgeted stage's earliest deadline: one of 0 or less would mean none
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -366,9 +366,7 @@ def train(
             stage = read_meta(encoder)["training"]
             started_at_commit = stage.get("started_at_commit", "")  # the run's commit is its first stage's
             if budget:
-                # What the classifier stage left; never 0, which would mean no budget: a stage that overran it
-                # (its final validation and checkpoint on a busy machine) leaves the reader a sliver, and it stops at once.
-                budget = max(budget - stage["elapsed_s"], MIN_BUDGET_S)
+                budget -= stage["elapsed_s"]
         return _train(
             cfg, out, place, data_root, resume and (out / "last.safetensors").exists(), on_validation, budget, init_encoder,
             started_at_commit,
@@ -401,8 +399,9 @@ def _model_for(
 
 class _Stage:
     """One stage of a run (the classifier stage or the reader): set-up, resume, the step loop, validation
-    and checkpoints, each in its own method. `budget_s` > 0 ends the stage on the clock, counted from
-    construction; rank 0 alone logs, validates and writes."""
+    and checkpoints, each in its own method. With a time budget (cfg.time_budget_s > 0), `budget_s`, what is
+    left of the run's, ends the stage on the clock, counted from construction; rank 0 alone logs, validates
+    and writes."""
 
     def __init__(
         self, cfg: TrainConfig, out: Path, place: Placement, data_root: str | None, resume: bool, budget_s: float,
@@ -475,16 +474,18 @@ class _Stage:
     def run(self, on_validation: Callable[[int, dict[str, float]], bool] | None) -> dict:
         """The step loop; returns the last validation scores (rank 0) or {}."""
         cfg, place = self.cfg, self.place
+        budgeted = cfg.time_budget_s > 0
         if place.is_main:
             processes = f", {place.world_size} processes of {cfg.batch_size // place.world_size} samples" if place.distributed else ""
-            length = f"{self.budget_s:.0f} s" if self.budget_s else f"steps {self.start_step}->{cfg.steps}"
+            length = f"{self.budget_s:.0f} s" if budgeted else f"steps {self.start_step}->{cfg.steps}"
             print(f"{cfg.model.kind}: {count_parameters(self.model):,} parameters, device {place.device}, {length}{processes}")
         training_mode(self.model, cfg.freeze_batchnorm)
         metrics: dict = {}
-        # A budgeted run stops early enough for its final validation and checkpoint to fit; one given less than that
-        # margin stops before its first step (a deadline of 0 or less would be none, and it would run all its steps).
-        deadline = max(MIN_BUDGET_S, self.budget_s - min(15.0, max(1.0, 0.05 * self.budget_s))) if self.budget_s else 0.0
-        bar = tqdm(total=None if self.budget_s else cfg.steps, initial=self.start_step, dynamic_ncols=True, mininterval=2.0,
+        # A budgeted run stops early enough for its final validation and checkpoint to fit. One left less than that
+        # margin (a short budget, or a reader whose classifier stage overran the run's budget on a busy machine)
+        # stops before its first step: its deadline is never 0 or below, which would mean none.
+        deadline = max(MIN_DEADLINE_S, self.budget_s - min(15.0, max(1.0, 0.05 * self.budget_s))) if budgeted else 0.0
+        bar = tqdm(total=None if budgeted else cfg.steps, initial=self.start_step, dynamic_ncols=True, mininterval=2.0,
                    disable=not place.is_main)
         window_start, window_samples = time.time(), 0
         completed, scored_at, ended = self.start_step, -1, False
@@ -534,7 +535,8 @@ def _train(
     on_validation: Callable[[int, dict[str, float]], bool] | None, budget_s: float, init_encoder: str,
     started_at_commit: str = "",
 ) -> dict:
-    """One stage: train cfg's model into out; budget_s > 0 ends it on the clock, counted from here."""
+    """One stage: train cfg's model into out; with a time budget, budget_s (what is left of it) ends it on the clock,
+    counted from here."""
     return _Stage(cfg, out, place, data_root, resume, budget_s, init_encoder, started_at_commit).run(on_validation)
 
 
