@@ -253,6 +253,20 @@ def _box_filter(x: np.ndarray, kernel: int) -> np.ndarray:
     return cv2.blur(x, (kernel, kernel), borderType=cv2.BORDER_REPLICATE).reshape(x.shape)
 
 
+# Ink bolder than this many times `_remove_background`'s usual window widens the window to the ink's width.
+BOLD_STROKE_RATIO = 1.5
+
+
+def _stroke_width(image: np.ndarray) -> int:
+    """The width in px of the boldest ink of an ink-bright (H, W) image, capped at its short side: the diameter
+    of the largest disc that fits in its ink, plus 3. Ink is what passes Otsu's threshold on a 3x3 mean, which
+    pixel noise does not."""
+    level = cv2.convertScaleAbs(cv2.blur(image, (3, 3)), alpha=255)
+    _, ink = cv2.threshold(level, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    radius = float(cv2.distanceTransform(ink, cv2.DIST_L2, 3).max())
+    return min(int(2 * radius) + 3, min(image.shape))
+
+
 def _remove_background(ink: np.ndarray, on_paper: bool) -> np.ndarray:
     """Remove a smooth background from an ink-bright image.
 
@@ -261,6 +275,12 @@ def _remove_background(ink: np.ndarray, on_paper: bool) -> np.ndarray:
     from it while gradients and shadows stay; it runs on a copy about 32 px on the
     short side. (At 5 px, the bold strokes of a 28x28 MNIST digit survived the
     opening and were hollowed out: 0.7 points of MNIST test accuracy.)
+    Bright ink on a dark ground can be bolder still: a blurred, heavy digit in a strip
+    one digit tall is a blob wider than that window, and the opening left it hollow or
+    took it whole. Where the boldest ink (`_stroke_width`) is over BOLD_STROKE_RATIO
+    times the window, the window is as wide as that ink. Not on paper: there a lamp's
+    shadow passes the ink threshold as a wide blob too, and a window that wide leaves
+    the shadow in (docs/TRAINING.md, "Bold ink and the background").
     Light falling on paper multiplies what the camera sees, so for inverted paper
     images the result is divided by the local paper brightness as well.
     `ink` is one (H, W) image or an (H, W, M) stack of images, each treated alone
@@ -269,7 +289,14 @@ def _remove_background(ink: np.ndarray, on_paper: bool) -> np.ndarray:
     short = min(ink.shape[:2])
     factor = max(1, short // 32)
     small = _resize(ink, -(-ink.shape[0] // factor), -(-ink.shape[1] // factor)) if factor > 1 else ink
-    kernel = max(9, int(0.2 * min(small.shape[:2]))) | 1
+    kernel = max(9, int(0.2 * min(small.shape[:2])))
+    if not on_paper:
+        images = [small] if small.ndim == 2 else [np.ascontiguousarray(small[..., m]) for m in range(small.shape[2])]
+        kernels = {width if width > BOLD_STROKE_RATIO * kernel else kernel for width in map(_stroke_width, images)}
+        if len(kernels) > 1:  # a stack whose images need windows of different widths: each alone
+            return np.stack([_remove_background(np.ascontiguousarray(ink[..., m]), on_paper) for m in range(ink.shape[2])], axis=2)
+        kernel = kernels.pop()
+    kernel |= 1
     window = np.ones((kernel, kernel), np.uint8)
     background = _box_filter(cv2.dilate(cv2.erode(small, window), window).reshape(small.shape), kernel)
     if factor > 1:

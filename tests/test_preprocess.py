@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data.suites import suite_samples
 from data.synth import STYLES, SequenceSynth, render_sprites
 from model.preprocess import (
     MARGIN,
@@ -12,6 +13,7 @@ from model.preprocess import (
     WORKING_SIDE,
     ImageReadError,
     NoInkError,
+    _remove_background,
     dark_ink,
     estimate_digit_height,
     load_image,
@@ -220,6 +222,30 @@ def test_bold_strokes_of_a_small_clean_image_are_not_hollowed(pools):
     assert ink[ring].mean() > 0.9  # the middle of every stroke stays full-bright
 
 
+def _heavy_blurred_zero() -> np.ndarray:
+    """A strip one digit tall, bright on dark: a heavy, blurred "0" filled in (a blob 22 px wide) and a thin "1"."""
+    strip = np.zeros((36, 80), dtype=np.float32)
+    cv2.ellipse(strip, (18, 18), (11, 15), 0, 0, 360, 1.0, -1)
+    cv2.line(strip, (55, 5), (58, 31), 1.0, 2)
+    return cv2.GaussianBlur(strip, (0, 0), 1.5)
+
+
+def test_heavy_ink_on_a_dark_ground_is_not_hollowed():
+    """A blob wider than the background estimate's usual window (9 px here) stayed in the estimate and was
+    taken from the image: what was left of the "0" was its rim. The window widens to the blob."""
+    out = _remove_background(_heavy_blurred_zero(), on_paper=False)
+    assert out[18, 18] > 0.9 and out[18, 55:60].max() > 0.5  # the blob's middle, and the thin 1 beside it
+
+
+def test_heavy_digits_of_a_hard_strip_are_kept(pools):
+    """A `strip-hard` validation image (9, 5) whose 5 is heavy and blurred, a blob as tall as the strip:
+    the opening took it whole, and the strip was read as a 9."""
+    sample = suite_samples("strip-hard", pools["val"], 256)[171]
+    assert sample.digits == [9, 5]
+    height, width = preprocess_array(np.clip(sample.image, 0, 1), 16.0).image.shape
+    assert width >= 1.3 * height  # 27x40 now; 24x19 before: the 9 alone
+
+
 def _five_with_detached_bar() -> np.ndarray:
     """A 20 px tall "5" whose top bar (3 rows) is written apart from its body, as some MNIST fives are."""
     five = np.zeros((20, 16), dtype=bool)
@@ -254,7 +280,8 @@ def test_a_stack_of_lone_digits_preprocesses_as_each_digit_alone(pools):
     stage's digits of each style (more of them than one OpenCV call takes, so the stack is cut), and for
     digits it must hand to `preprocess_ink` because their ink's height is not their digit height: a five
     with a dot above it (two bands of rows; the dot is not measured), two strokes of different heights side
-    by side (two runs of columns, measured piece by piece) and a line of ink turned by 8 degrees (levelled)."""
+    by side (two runs of columns, measured piece by piece) and a line of ink turned by 8 degrees (levelled);
+    and for a stack with a heavy digit, whose background is estimated with a wider window than the others'."""
     rng = np.random.default_rng(3)
     stacks = [render_sprites(pools["test"], rng.integers(0, len(pools["test"]), 150), STYLES[name], rng, 0.8)
               for name in ("shapes", "train", "drawn")]
@@ -265,7 +292,9 @@ def test_a_stack_of_lone_digits_preprocesses_as_each_digit_alone(pools):
     for left in (4, 18, 32):  # three dashes along a line that falls 8 degrees
         cv2.line(awkward[2], (left, round(30 - 0.14 * left)), (left + 10, round(30 - 0.14 * (left + 10))), 1.0, 2)
     assert preprocess_ink(awkward[2]).levelled_by != 0
-    stacks.append(awkward)
+    heavy = np.zeros((1, 48, 48), dtype=np.float32)  # a window of its own (wider) among the stack's others
+    heavy[0, 6:42, :] = _heavy_blurred_zero()[:, 4:52]
+    stacks.append(np.concatenate([awkward, heavy]))
     for stack in stacks:
         fast = preprocess_digits(stack, 16.0, (160, 384))
         alone = [preprocess_ink(digit, 16.0, (160, 384)).image for digit in stack]
