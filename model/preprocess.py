@@ -284,21 +284,38 @@ def _remove_background(ink: np.ndarray, on_paper: bool) -> np.ndarray:
     Light falling on paper multiplies what the camera sees, so for inverted paper
     images the result is divided by the local paper brightness as well.
     `ink` is one (H, W) image or an (H, W, M) stack of images, each treated alone
-    (OpenCV filters the channels of an image apart, with the same arithmetic).
+    (OpenCV filters the channels of an image apart, with the same arithmetic; the
+    images of a stack that need a window of their own are filtered together with it).
     """
     short = min(ink.shape[:2])
     factor = max(1, short // 32)
     small = _resize(ink, -(-ink.shape[0] // factor), -(-ink.shape[1] // factor)) if factor > 1 else ink
-    kernel = max(9, int(0.2 * min(small.shape[:2])))
-    if not on_paper:
-        images = [small] if small.ndim == 2 else [np.ascontiguousarray(small[..., m]) for m in range(small.shape[2])]
-        kernels = {width if width > BOLD_STROKE_RATIO * kernel else kernel for width in map(_stroke_width, images)}
-        if len(kernels) > 1:  # a stack whose images need windows of different widths: each alone
-            return np.stack([_remove_background(np.ascontiguousarray(ink[..., m]), on_paper) for m in range(ink.shape[2])], axis=2)
-        kernel = kernels.pop()
-    kernel |= 1
-    window = np.ones((kernel, kernel), np.uint8)
-    background = _box_filter(cv2.dilate(cv2.erode(small, window), window).reshape(small.shape), kernel)
+    usual = max(9, int(0.2 * min(small.shape[:2])))
+    if ink.ndim == 2:
+        return _without_background(ink, small, usual if on_paper else _window(small, usual), factor, on_paper)
+    windows = np.full(ink.shape[2], usual) if on_paper else np.array([_window(small[..., m], usual) for m in range(ink.shape[2])])
+    if (windows == usual).all():  # nearly always: the stack in one call
+        return _without_background(ink, small, usual, factor, on_paper)
+    out = np.empty_like(ink)
+    for window in np.unique(windows):
+        members = np.flatnonzero(windows == window)
+        out[..., members] = _without_background(ink[..., members], small[..., members], int(window), factor, on_paper)
+    return out
+
+
+def _window(small: np.ndarray, usual: int) -> int:
+    """The opening's window for one reduced image of bright ink on a dark ground: `usual`, or the width of its
+    boldest ink where that is over BOLD_STROKE_RATIO times as wide."""
+    width = _stroke_width(np.ascontiguousarray(small))
+    return width if width > BOLD_STROKE_RATIO * usual else usual
+
+
+def _without_background(ink: np.ndarray, small: np.ndarray, window: int, factor: int, on_paper: bool) -> np.ndarray:
+    """`_remove_background` with its opening's window chosen: `small` is `ink` reduced by `factor`."""
+    ink, small = np.ascontiguousarray(ink), np.ascontiguousarray(small)
+    side = window | 1
+    square = np.ones((side, side), np.uint8)
+    background = _box_filter(cv2.dilate(cv2.erode(small, square), square).reshape(small.shape), side)
     if factor > 1:
         background = cv2.resize(background, (ink.shape[1], ink.shape[0]), interpolation=cv2.INTER_LINEAR).reshape(ink.shape)
     out = ink - background
