@@ -291,11 +291,10 @@ def _remove_background(ink: np.ndarray, on_paper: bool) -> np.ndarray:
     factor = max(1, short // 32)
     small = _resize(ink, -(-ink.shape[0] // factor), -(-ink.shape[1] // factor)) if factor > 1 else ink
     usual = max(9, int(0.2 * min(small.shape[:2])))
-    if ink.ndim == 2:
-        return _without_background(ink, small, usual if on_paper else _window(small, usual), factor, on_paper)
-    windows = np.full(ink.shape[2], usual) if on_paper else np.array([_window(small[..., m], usual) for m in range(ink.shape[2])])
-    if (windows == usual).all():  # nearly always: the stack in one call
-        return _without_background(ink, small, usual, factor, on_paper)
+    images = [small] if ink.ndim == 2 else [small[..., m] for m in range(ink.shape[2])]
+    windows = np.array([usual if on_paper else _window(image, usual) for image in images])
+    if (windows == windows[0]).all():  # nearly always: one image, or a whole stack, in one call
+        return _without_background(ink, small, int(windows[0]), factor, on_paper)
     out = np.empty_like(ink)
     for window in np.unique(windows):
         members = np.flatnonzero(windows == window)
