@@ -488,9 +488,17 @@ def preprocess_ink(
     dark ink on paper (see _remove_background).
     """
     working_shape = (int(x.shape[0]), int(x.shape[1]))
-    x, mask = _ink(_remove_background(x, on_paper=inverted))
+    clean = _remove_background(x, on_paper=inverted)
     # Clutter first: rules and borders would pull the ink's axis (skew_angle) toward their own.
-    x, mask, removed, known_height = remove_clutter(x, mask) if declutter else (x, mask, (), 0.0)
+    # Each stroke is measured against the ink near it (`_ink`), as training's canvases are, unless that leaves
+    # lines to take out: paper with rules, borders and scan margins is measured against the whole image's ink,
+    # because their faint remnants, raised with the ink, passed as more ink (docs/TRAINING.md, "Ink against
+    # its neighbourhood").
+    x, mask, removed, known_height = *_ink(clean, local=True), (), 0.0
+    if declutter:
+        x, mask, removed, known_height = remove_clutter(x, mask)
+        if "lines" in removed:
+            x, mask, removed, known_height = remove_clutter(*_ink(clean))
     deskew = None
     angle = skew_angle(mask)
     if angle:
@@ -560,7 +568,7 @@ def preprocess_digits(digits: np.ndarray, digit_height: float, max_size: tuple[i
         return [alone(d) for d in digits]
     stack = np.ascontiguousarray(digits.transpose(1, 2, 0))  # (H, W, M): each image a channel
     try:
-        ink, masks = _ink(_remove_background(stack, on_paper=False))
+        ink, masks = _ink(_remove_background(stack, on_paper=False), local=True)
     except NoInkError:
         return [alone(d) for d in digits]
     ink, masks = np.ascontiguousarray(ink.transpose(2, 0, 1)), np.ascontiguousarray(masks.transpose(2, 0, 1))
@@ -576,16 +584,19 @@ def preprocess_digits(digits: np.ndarray, digit_height: float, max_size: tuple[i
     return out
 
 
-def _ink(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _ink(x: np.ndarray, local: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A background-free, ink-bright image stretched to its brightest ink with a faint floor removed,
     and its ink mask; of an (H, W) image, or of each image of an (H, W, M) stack alike.
+    With `local`, each pixel is stretched to the brightest ink near it instead (`_brightest_nearby`): a faint
+    digit beside a bold one is measured against itself, not against the bold one, and keeps its strokes.
     Raises NoInkError when nothing stands out (in any image of a stack)."""
     # Decide what is ink on a smoothed copy: pixel noise and paper grain average out, strokes do not.
     smooth = _box_filter(x, 3 if min(x.shape[:2]) < 150 else 5)
     peak = smooth.max(axis=(0, 1))  # float32, one per image
     if np.any(peak < 0.08):
         raise NoInkError("no ink found: the image is blank or has almost no contrast")
-    x, smooth = np.minimum(x / peak, 1.0), smooth / peak
+    level = _brightest_nearby(smooth, peak) if local else peak
+    x, smooth = np.minimum(x / level, 1.0), smooth / level
     threshold = np.clip(_otsu_threshold(smooth), 0.2, 0.6)
     floor = threshold / 2
     # The levels are worked out in float64 and compared with the float32 pixels in float32.
@@ -595,6 +606,28 @@ def _ink(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     raw_mask = (x > np.float32(threshold - floor)).astype(np.float32)
     support = cv2.blur(raw_mask, (3, 3), borderType=cv2.BORDER_CONSTANT).reshape(x.shape) * 9
     return x, (raw_mask > 0) & (smooth > np.float32(threshold)) & (support >= 2.5)
+
+
+# `_ink(local=True)` raises ink at most 1 / LOCAL_INK_FLOOR times above its share of the image's brightest ink.
+LOCAL_INK_FLOOR = 0.5
+
+
+def _brightest_nearby(smooth: np.ndarray, peak: np.ndarray) -> np.ndarray:
+    """The level `_ink(local=True)` stretches each pixel to: the brightest smoothed ink within about the short
+    side of it (a dilation, then a mean over the same square, so that the level changes gradually), between
+    LOCAL_INK_FLOOR and 1 times the image's brightest ink `peak`. Worked out on a copy about 32 px on the short
+    side whose pixels are the brightest of their blocks; of an (H, W) image or each image of an (H, W, M) stack."""
+    height, width = smooth.shape[:2]
+    factor = max(1, min(height, width) // 32)
+    small = smooth
+    if factor > 1:
+        block = np.ones((factor, factor), np.uint8)
+        small = np.ascontiguousarray(cv2.dilate(smooth, block).reshape(smooth.shape)[factor // 2 :: factor, factor // 2 :: factor])
+    side = min(small.shape[:2]) | 1
+    near = _box_filter(cv2.dilate(small, np.ones((side, side), np.uint8)).reshape(small.shape), side)
+    if factor > 1:
+        near = cv2.resize(near, (width, height), interpolation=cv2.INTER_LINEAR).reshape(smooth.shape)
+    return np.clip(near, LOCAL_INK_FLOOR * peak, peak)
 
 
 FAINT_INK = 0.25  # ink level (of the brightest ink's) at which `remove_clutter` looks for faint rules

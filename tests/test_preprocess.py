@@ -13,6 +13,7 @@ from model.preprocess import (
     WORKING_SIDE,
     ImageReadError,
     NoInkError,
+    _ink,
     _remove_background,
     dark_ink,
     estimate_digit_height,
@@ -244,6 +245,45 @@ def test_heavy_digits_of_a_hard_strip_are_kept(pools):
     assert sample.digits == [9, 5]
     height, width = preprocess_array(np.clip(sample.image, 0, 1), 16.0).image.shape
     assert width >= 1.3 * height  # 27x40 now; 24x19 before: the 9 alone
+
+
+def _faint_beside_bold(faint: float) -> np.ndarray:
+    """Two ring "digits" 20 px tall, 40 px apart (more than the image's short side) on a dark ground: a bold one
+    at full brightness and one at `faint`."""
+    image = np.zeros((32, 90), dtype=np.float32)
+    for left, level in ((4, 1.0), (58, faint)):
+        cv2.rectangle(image, (left, 6), (left + 13, 25), level, 3)
+    return cv2.GaussianBlur(image, (3, 3), 0)
+
+
+def test_a_faint_digit_beside_a_bold_one_is_measured_against_its_own_ink():
+    """Stretched to the whole image's brightest ink, a digit at 45% of the bold one's brightness kept less than
+    half of it after the floor went: strokes the model reads as a lighter, thinner digit, or not at all."""
+    x, mask = _ink(_faint_beside_bold(0.45), local=True)
+    assert x[8:24, 59:61].max() > 0.85 and mask[8:24, 59:61].all()  # the faint ring's left side
+    whole, _ = _ink(_faint_beside_bold(0.45))
+    assert whole[8:24, 59:61].max() < 0.5
+
+
+def test_faint_digits_of_a_hard_grid_are_kept_as_bright_as_the_bold_ones(pools):
+    """A `grid2x2-hard` validation image (4, 5 / 1, 5) with a light 4 and 1 beside two heavy fives: measured
+    against the fives, the 4 kept 5 pixels over half brightness and the 1 kept 9 (now 43 and 36)."""
+    sample = suite_samples("grid2x2-hard", pools["val"], 256)[181]
+    assert sample.digits == [4, 5, 1, 5]
+    x = preprocess_array(np.clip(sample.image, 0, 1), 16.0).image
+    half_h, half_w = x.shape[0] // 2, x.shape[1] // 2
+    assert np.count_nonzero(x[:half_h, :half_w] > 0.5) >= 25 and np.count_nonzero(x[half_h:, :half_w] > 0.5) >= 25
+
+
+def test_clutter_raised_with_faint_ink_is_measured_against_the_whole_image(pools):
+    """A `cell` validation image (84433508 in a form field). Stretched to its neighbourhood's ink, faint
+    remnants of the field's border passed as ink beyond what decluttering takes, and the crop grew to 48x143
+    around them. Where decluttering finds lines to take, the image is measured against its brightest ink:
+    one line of digits, MARGIN px above and below."""
+    sample = suite_samples("cell", pools["val"], 300)[232]
+    assert sample.digits == [8, 4, 4, 3, 3, 5, 0, 8]
+    out = preprocess_array(np.clip(sample.image, 0, 1), 16.0)
+    assert "lines" in out.removed and out.image.shape[0] <= 16 + 2 * MARGIN + 2
 
 
 def _five_with_detached_bar() -> np.ndarray:
