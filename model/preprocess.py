@@ -15,7 +15,9 @@ Steps, each there for a failure seen on real inputs:
    background (shadows, gradients, paper texture); it is subtracted, and on paper
    also divided out, since light multiplies what the camera sees (steps 4-6 are
    `preprocess_ink`, where training's fast path joins);
-5. contrast stretched to the brightest ink, faint background floor removed;
+5. contrast stretched to the brightest ink near each pixel (a faint digit beside a bold one keeps
+   its strokes; on paper with rules or borders to take out, to the image's brightest ink), faint
+   background floor removed;
 6. rules, grid and table lines, scan borders (straight strokes much longer than a digit)
    and small marks far from the digits are removed, and a line of text turned by 3 to 15
    degrees is levelled (along the ink's principal axis);
@@ -477,8 +479,8 @@ def preprocess_ink(
 ) -> Preprocessed:
     """The rest of preprocessing, for an image whose ink is already the bright part (steps 4-6).
 
-    The background is removed, contrast stretched to the brightest ink and a faint
-    floor removed; with `declutter`, rules, borders and stray marks are taken out
+    The background is removed, contrast stretched to the brightest ink near each pixel
+    and a faint floor removed; with `declutter`, rules, borders and stray marks are taken out
     (`remove_clutter`); a line of text turned by 3-15 degrees is levelled (`skew_angle`);
     the ink is found, cropped with MARGIN pixels around it, and rescaled so the digits
     are digit_height tall, shrunk further if needed to fit max_size. Training's fast
@@ -489,12 +491,14 @@ def preprocess_ink(
     """
     working_shape = (int(x.shape[0]), int(x.shape[1]))
     clean = _remove_background(x, on_paper=inverted)
-    # Clutter first: rules and borders would pull the ink's axis (skew_angle) toward their own.
     # Each stroke is measured against the ink near it (`_ink`), as training's canvases are, unless that leaves
     # lines to take out: paper with rules, borders and scan margins is measured against the whole image's ink,
     # because their faint remnants, raised with the ink, passed as more ink (docs/TRAINING.md, "Ink against
-    # its neighbourhood").
-    x, mask, removed, known_height = *_ink(clean, local=True), (), 0.0
+    # its neighbourhood"). Clutter goes before levelling: rules and borders would pull the ink's axis
+    # (skew_angle) toward their own.
+    x, mask = _ink(clean, local=True)
+    removed: tuple[str, ...] = ()
+    known_height = 0.0
     if declutter:
         x, mask, removed, known_height = remove_clutter(x, mask)
         if "lines" in removed:
