@@ -269,6 +269,12 @@ def _stroke_width(image: np.ndarray) -> int:
     return min(int(2 * radius) + 3, min(image.shape))
 
 
+def _reduction(image: np.ndarray) -> int:
+    """The factor that reduces an (H, W) image, or an (H, W, M) stack, to a copy about 32 px on the short side
+    (1 for smaller ones): wide, smooth estimates (`_remove_background`, `_brightest_nearby`) are made there."""
+    return max(1, min(image.shape[:2]) // 32)
+
+
 def _remove_background(ink: np.ndarray, on_paper: bool) -> np.ndarray:
     """Remove a smooth background from an ink-bright image.
 
@@ -289,8 +295,7 @@ def _remove_background(ink: np.ndarray, on_paper: bool) -> np.ndarray:
     (OpenCV filters the channels of an image apart, with the same arithmetic; the
     images of a stack that need a window of their own are filtered together with it).
     """
-    short = min(ink.shape[:2])
-    factor = max(1, short // 32)
+    factor = _reduction(ink)
     small = _resize(ink, -(-ink.shape[0] // factor), -(-ink.shape[1] // factor)) if factor > 1 else ink
     usual = max(9, int(0.2 * min(small.shape[:2])))
     images = [small] if ink.ndim == 2 else [small[..., m] for m in range(ink.shape[2])]
@@ -622,7 +627,7 @@ def _brightest_nearby(smooth: np.ndarray, peak: np.ndarray) -> np.ndarray:
     LOCAL_INK_FLOOR and 1 times the image's brightest ink `peak`. Worked out on a copy about 32 px on the short
     side whose pixels are the brightest of their blocks; of an (H, W) image or each image of an (H, W, M) stack."""
     height, width = smooth.shape[:2]
-    factor = max(1, min(height, width) // 32)
+    factor = _reduction(smooth)
     small = smooth
     if factor > 1:
         block = np.ones((factor, factor), np.uint8)
