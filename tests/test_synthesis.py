@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data.mnist import thin
 from data.synth import LAYOUTS, MNIST_DIGIT_HEIGHT, STYLES, DigitBank, SequenceSynth, render_sprites
 from model.network import ModelConfig
 from model.preprocess import MARGIN, load_image, preprocess_image
@@ -108,7 +109,7 @@ def test_brush_strokes_have_the_asked_width(pools, width):
     unit = 2.0  # drawn at twice MNIST's scale, so a pixel is half an MNIST pixel
     for sprite in render_sprites(pools["test"], np.arange(20), style, np.random.default_rng(0), unit=unit):
         ink = (sprite > 0.5).astype(np.uint8)
-        middle = cv2.ximgproc.thinning(ink * 255) > 0
+        middle = thin(ink[None] > 0)[0]
         to_edge = cv2.distanceTransform(ink, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
         measured = (2 * np.median(to_edge[middle]) - 1) / unit  # a stroke n pixels wide is (n + 1) / 2 deep
         assert abs(measured - width) <= 0.75
