@@ -7,7 +7,7 @@ every input with the same checkpoint (greedy, as `make eval` reads), and prints 
 - exact-match with each version;
 - how many inputs the change touched, and of those how many it fixed (now right, wrong before) and
   broke (now wrong, right before);
-- preprocessing time per image with each version (CPU time of this process; the median of --passes passes).
+- preprocessing time per image with each version (wall clock; the median of --passes passes, the versions in turn).
 The readings of untouched inputs are shared, so a suite costs one reading plus the touched inputs.
 """
 
@@ -50,14 +50,19 @@ def preprocess_at(revision: str) -> types.ModuleType:
     return module
 
 
-def timed(images: Callable[[], list[np.ndarray]], passes: int) -> tuple[list[np.ndarray], float]:
-    """The inputs and the median CPU seconds of `passes` passes."""
-    seconds = []
+def timed_in_turn(first: Callable[[], list[np.ndarray]], second: Callable[[], list[np.ndarray]],
+                  passes: int) -> tuple[list[np.ndarray], float, list[np.ndarray], float]:
+    """Each version's inputs and the median wall-clock seconds of its `passes` passes, the two run in turn
+    (first, second, first, ...) so that a change in this machine's speed during the run weighs on both.
+    Wall clock, not CPU time: OpenCV's worker threads spin while they wait, and CPU time counts that."""
+    seconds: tuple[list[float], list[float]] = ([], [])
+    outputs: list[list[np.ndarray]] = [[], []]
     for _ in range(passes):
-        began = time.process_time()
-        out = images()
-        seconds.append(time.process_time() - began)
-    return out, statistics.median(seconds)
+        for k, images in enumerate((first, second)):
+            began = time.perf_counter()
+            outputs[k] = images()
+            seconds[k].append(time.perf_counter() - began)
+    return outputs[0], statistics.median(seconds[0]), outputs[1], statistics.median(seconds[1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.suites:
         samples = suite_samples(name, pool, args.n)
         truth = [s.digits for s in samples]
-        before, before_s = timed(partial(canonical_images, samples, model.cfg, old.preprocess_array, old.NoInkError), args.passes)
-        after, after_s = timed(partial(canonical_images, samples, model.cfg, preprocess_array, NoInkError), args.passes)
+        before, before_s, after, after_s = timed_in_turn(
+            partial(canonical_images, samples, model.cfg, old.preprocess_array, old.NoInkError),
+            partial(canonical_images, samples, model.cfg, preprocess_array, NoInkError), args.passes)
         read_before, _, _ = predict(model, [before])
         changed = [i for i, (a, b) in enumerate(zip(before, after)) if a.shape != b.shape or not np.array_equal(a, b)]
         read_after = list(read_before)

@@ -28,9 +28,11 @@ Steps, each there for a failure seen on real inputs:
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -52,6 +54,29 @@ MARGIN = 4  # background pixels kept around the ink
 MAX_INPUT_PIXELS = 40_000_000  # larger uploads are refused rather than risk memory
 WORKING_SIDE = 1024  # longer sides are downscaled to this before anything else
 CV_MAX_CHANNELS = 128  # OpenCV's filters take images of at most this many channels (preprocess_digits' stacks)
+
+
+def _pieces(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """`cv2.connectedComponentsWithStats(mask, connectivity=8)` of a 0/1 uint8 mask: (count, labels, stats,
+    centres). The labels are 16-bit wherever that many pieces fit (8-connected pieces are a pixel apart, so
+    at most a quarter of the pixels'): OpenCV labels 32-bit images with stats on its thread pool, which on
+    the small images most reads are costs twice as long as its 16-bit labelling does. Counts, stats, centres
+    and label values are the same."""
+    fits = ((mask.shape[0] + 1) // 2) * ((mask.shape[1] + 1) // 2) < np.iinfo(np.uint16).max
+    return cv2.connectedComponentsWithStats(mask, connectivity=8, ltype=cv2.CV_16U if fits else cv2.CV_32S)
+
+
+@functools.lru_cache(maxsize=256)
+def _ones(height: int, width: int) -> np.ndarray:
+    """A (height, width) structuring element of ones for OpenCV's morphology: made once, shared, read-only."""
+    kernel = np.ones((height, width), np.uint8)
+    kernel.setflags(write=False)
+    return kernel
+
+
+def _bytes(mask: np.ndarray) -> np.ndarray:
+    """A mask as the 0/1 bytes OpenCV takes; a boolean mask's own memory, without a copy."""
+    return np.asarray(mask, dtype=bool).view(np.uint8)
 
 
 class ImageReadError(ValueError):
@@ -320,7 +345,7 @@ def _without_background(ink: np.ndarray, small: np.ndarray, window: int, factor:
     """`_remove_background` with its opening's window chosen: `small` is `ink` reduced by `factor`."""
     ink, small = np.ascontiguousarray(ink), np.ascontiguousarray(small)
     side = window | 1
-    square = np.ones((side, side), np.uint8)
+    square = _ones(side, side)
     background = _box_filter(cv2.dilate(cv2.erode(small, square), square).reshape(small.shape), side)
     if factor > 1:
         background = cv2.resize(background, (ink.shape[1], ink.shape[0]), interpolation=cv2.INTER_LINEAR).reshape(ink.shape)
@@ -331,26 +356,26 @@ def _without_background(ink: np.ndarray, small: np.ndarray, window: int, factor:
 
 
 def _otsu_threshold(values: np.ndarray, bins: int = 64) -> np.ndarray:
-    """Otsu's threshold of values in [0, 1], on a histogram of `bins` bins: of an (H, W) image (shape ()),
-    or of each image of an (H, W, M) stack (shape (M,))."""
-    images = 1 if values.ndim == 2 else values.shape[-1]
-    index = np.minimum((values * bins).astype(np.intp), bins - 1) + bins * np.arange(images)  # image m counts in bins m * bins onwards
-    hist = np.bincount(index.ravel(), minlength=bins * images).reshape(images, bins).astype(np.float64)
-    centers = (np.arange(bins) + 0.5) / bins
-    weight_low = np.cumsum(hist, axis=1)
-    weight_high = weight_low[:, -1:] - weight_low
-    mean_low = np.cumsum(hist * centers, axis=1) / np.maximum(weight_low, 1)
-    mean_high = ((hist * centers).sum(1, keepdims=True) - np.cumsum(hist * centers, axis=1)) / np.maximum(weight_high, 1)
-    between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    thresholds = centers[np.argmax(between, axis=1)]
-    return thresholds.reshape(values.shape[2:])
+    """Otsu's threshold of values in [0, 1], on a histogram of `bins` bins (at most 256): of an (H, W) image
+    (shape ()), or of each image of an (H, W, M) stack (shape (M,)). Values over 1 (ink stretched to the ink
+    near it) count in the last bin. The threshold is the centre of the last bin of the darker class that splits
+    the histogram best, which OpenCV finds on the bin numbers as 8-bit pixels in a fraction of what a numpy
+    histogram and Otsu's sums cost."""
+    index = np.minimum(values * bins, bins - 1).astype(np.uint8)
+    if values.ndim == 2:
+        return np.asarray((cv2.threshold(index, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0] + 0.5) / bins)
+    levels = [cv2.threshold(np.ascontiguousarray(index[..., m]), 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0]
+              for m in range(index.shape[2])]
+    return (np.array(levels) + 0.5) / bins
+
+
+_RUN_OF_TRUE = re.compile(b"\x01+")  # in a boolean array's bytes
 
 
 def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
     """[start, end) of each run of True in a 1D boolean array."""
-    padded = np.concatenate([[False], flags, [False]])
-    changes = np.flatnonzero(padded[1:] != padded[:-1])
-    return list(zip(changes[::2].tolist(), changes[1::2].tolist()))
+    # A regular expression over the flags' bytes: for the few runs of a profile, a few times faster than numpy.
+    return [run.span() for run in _RUN_OF_TRUE.finditer(np.ascontiguousarray(flags, dtype=bool).tobytes())]
 
 
 def text_lines(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -401,26 +426,22 @@ def estimate_digit_height(mask: np.ndarray, pieces: np.ndarray | None = None) ->
     `pieces` are the stats of the mask's connected pieces (`cv2.connectedComponentsWithStats`', less the
     background's row) where the caller has them; otherwise they are found when needed.
     """
+    ink = _bytes(mask)
     heights, widths = [], []
     for top, bottom in text_lines(mask):
-        band = mask[top:bottom]
-        columns = np.asarray(band.any(axis=0))
-        # Per column, the first and last ink row; per piece (run of ink columns), their extremes.
-        first = np.where(columns, band.argmax(axis=0), band.shape[0])
-        last = np.where(columns, band.shape[0] - band[::-1].argmax(axis=0), 0)
-        runs = _runs(columns)
-        starts = np.array([start for start, _ in runs], dtype=np.intp)
-        heights.append(np.maximum.reduceat(last, starts) - np.minimum.reduceat(first, starts))
-        widths.append(np.array([end - start for start, end in runs]))
-    heights_arr = np.concatenate(heights).astype(np.float32)
+        # A piece is a run of ink columns of the line; its height, the rows its ink spans in those columns.
+        for start, end in _runs(np.asarray(mask[top:bottom].any(axis=0))):
+            heights.append(cv2.boundingRect(ink[top:bottom, start:end])[3])
+            widths.append(end - start)
+    heights_arr = np.array(heights, dtype=np.float32)
     tall_enough = heights_arr >= 0.4 * heights_arr.max()  # ignore dots and specks
     ordered = np.sort(heights_arr[tall_enough])
     middle = len(ordered) // 2
     by_line = float(ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2)  # the median
-    if not (np.concatenate(widths) >= heights_arr)[tall_enough].any():
+    if not (np.array(widths) >= heights_arr)[tall_enough].any():
         return by_line
     if pieces is None:
-        pieces = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)[2][1:]
+        pieces = _pieces(mask.astype(np.uint8))[2][1:]
     width, height = pieces[:, cv2.CC_STAT_WIDTH], pieces[:, cv2.CC_STAT_HEIGHT]
     if np.count_nonzero((width >= 2 * height) & (height < 0.25 * height.max())) < 6:
         return by_line
@@ -530,12 +551,13 @@ def _crop_to_ink(
     shrunk further if it would not fit max_size, and framed with MARGIN pixels.
     Returns (image, crop box (top, left, bottom, right), scale, measured height, shrunk to fit, the crop
     before rescaling)."""
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if len(rows) == 0:
+    ink = _bytes(mask)
+    left, top, width, height = cv2.boundingRect(ink)
+    if width == 0:
         raise NoInkError("no ink found: only isolated specks")
-    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    bottom, right = top + height, left + width
     crop_mask = mask[top:bottom, left:right]
-    near_ink = cv2.dilate(crop_mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(np.float32)
+    near_ink = cv2.dilate(ink[top:bottom, left:right], _ones(5, 5)).astype(np.float32)
     crop = np.ascontiguousarray(x[top:bottom, left:right] * near_ink)  # drop floor noise far from ink
     measured = known_height or estimate_digit_height(crop_mask)
     image, scale, fitted = rescale_crop(crop, digit_height / measured, max_size)
@@ -602,7 +624,7 @@ def _ink(x: np.ndarray, local: bool = False) -> tuple[np.ndarray, np.ndarray]:
     # Decide what is ink on a smoothed copy: pixel noise and paper grain average out, strokes do not.
     smooth = _box_filter(x, 3 if min(x.shape[:2]) < 150 else 5)
     peak = smooth.max(axis=(0, 1))  # float32, one per image
-    if np.any(peak < 0.08):
+    if (peak < 0.08).any():
         raise NoInkError("no ink found: the image is blank or has almost no contrast")
     level = _brightest_nearby(smooth, peak) if local else peak
     x, smooth = np.minimum(x / level, 1.0), smooth / level
@@ -630,10 +652,10 @@ def _brightest_nearby(smooth: np.ndarray, peak: np.ndarray) -> np.ndarray:
     factor = _reduction(smooth)
     small = smooth
     if factor > 1:
-        block = np.ones((factor, factor), np.uint8)
+        block = _ones(factor, factor)
         small = np.ascontiguousarray(cv2.dilate(smooth, block).reshape(smooth.shape)[factor // 2 :: factor, factor // 2 :: factor])
     side = min(small.shape[:2]) | 1
-    near = _box_filter(cv2.dilate(small, np.ones((side, side), np.uint8)).reshape(small.shape), side)
+    near = _box_filter(cv2.dilate(small, _ones(side, side)).reshape(small.shape), side)
     if factor > 1:
         near = cv2.resize(near, (width, height), interpolation=cv2.INTER_LINEAR).reshape(smooth.shape)
     return np.clip(near, LOCAL_INK_FLOOR * peak, peak)
@@ -661,7 +683,7 @@ def skew_angle(mask: np.ndarray) -> float:
     The line's direction is the ink's principal axis, the direction of its largest spread (from the
     mask's central moments).
     """
-    moments = cv2.moments(mask.astype(np.uint8), binaryImage=True)
+    moments = cv2.moments(_bytes(mask), binaryImage=True)
     if moments["m00"] < 20:
         return 0.0
     spread_x, spread_y, spread_xy = moments["mu20"], moments["mu02"], moments["mu11"]
@@ -674,7 +696,7 @@ def skew_angle(mask: np.ndarray) -> float:
         return 0.0
     # Two digits placed apart, one higher than the other, also spread along a slanted axis; but they are
     # two lines, not one turned line: a line needs at least three pieces of ink along it.
-    count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    count, _, stats, _ = _pieces(mask.astype(np.uint8))
     if count - 1 < 3:
         return 0.0
     # One line, not a block of several: across the axis the ink spreads like one digit's height, not more.
@@ -766,9 +788,9 @@ def _boxes_around_ink(rest: np.ndarray, stats: np.ndarray, centres: np.ndarray) 
     if len(heights) < 2 or (np.count_nonzero(heights < 0.3 * heights.max()) < 6 and not _holds_a_centre(stats, centres).any()):
         return found
     ink = rest.astype(np.uint8)
-    joined = np.maximum(cv2.morphologyEx(ink, cv2.MORPH_CLOSE, np.ones((1, DASH_GAP), np.uint8)),
-                        cv2.morphologyEx(ink, cv2.MORPH_CLOSE, np.ones((DASH_GAP, 1), np.uint8)))
-    _, labels, stats, centres = cv2.connectedComponentsWithStats(cv2.morphologyEx(joined, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8)))
+    joined = np.maximum(cv2.morphologyEx(ink, cv2.MORPH_CLOSE, _ones(1, DASH_GAP)),
+                        cv2.morphologyEx(ink, cv2.MORPH_CLOSE, _ones(DASH_GAP, 1)))
+    _, labels, stats, centres = _pieces(cv2.morphologyEx(joined, cv2.MORPH_CLOSE, _ones(3, 3)))
     left, top, width, height = (stats[1:, k] for k in range(4))
     span = (int((left + width).max()) - int(left.min())) * (int((top + height).max()) - int(top.min()))
     for index in 1 + np.flatnonzero((_holds_a_centre(stats, centres) | (width * height >= 0.5 * span)) & (width >= 24) & (height >= 16)):
@@ -826,7 +848,7 @@ def _profile_has_run(ink: np.ndarray, gap: int, run: int, horizontal: bool) -> b
     occupied = np.asarray(ink.any(axis=0 if horizontal else 1), dtype=np.uint8)
     profile = occupied.reshape(1, -1) if horizontal else occupied.reshape(-1, 1)
     closing, along = ((1, gap), (1, run)) if horizontal else ((gap, 1), (run, 1))
-    return bool(cv2.erode(cv2.dilate(profile, np.ones(closing, np.uint8)), np.ones(along, np.uint8)).any())
+    return bool(cv2.erode(cv2.dilate(profile, _ones(*closing)), _ones(*along)).any())
 
 
 def _may_hold_segment(candidates: np.ndarray, length: int, max_gap: int) -> bool:
@@ -836,8 +858,8 @@ def _may_hold_segment(candidates: np.ndarray, length: int, max_gap: int) -> bool
     `length` too. A thick stroke a little shorter than that (a "1" on a canvas) passes the opening in
     `_long_lines` and costs the transform the most; this test, a dilation and a labelling, skips it exactly."""
     reach = max_gap // 2 + 1
-    grown = cv2.dilate(candidates, np.ones((2 * reach + 1, 2 * reach + 1), np.uint8))
-    _, _, stats, _ = cv2.connectedComponentsWithStats(grown, connectivity=8)
+    grown = cv2.dilate(candidates, _ones(2 * reach + 1, 2 * reach + 1))
+    _, _, stats, _ = _pieces(grown)
     return bool(((stats[1:, cv2.CC_STAT_WIDTH] >= length) | (stats[1:, cv2.CC_STAT_HEIGHT] >= length)).any())
 
 
@@ -850,24 +872,22 @@ def _long_lines(mask: np.ndarray, length: int, horizontal: bool, max_gap: int | 
     opening's), and the transform then looks at that ink alone.
     `max_gap` is the longest break the transform steps over along a stroke (length / 40, at least 2, unless
     given): a thick stroke slanted between its one-degree steps leaves such breaks along the step's line."""
-    found = np.zeros(mask.shape, np.uint8)
-    if length < 4:
-        return found.astype(bool)
-    ink = mask.astype(np.uint8)
     gap = max(3, length // 25)
     run = round(0.6 * length)
-    if not _profile_has_run(ink, gap, run, horizontal):
-        return found.astype(bool)
+    if length < 4 or not _profile_has_run(mask, gap, run, horizontal):
+        return np.zeros(mask.shape, bool)
+    found = np.zeros(mask.shape, np.uint8)
+    ink = _bytes(mask)
     # A faint rule in a noisy photo is a dotted line in the mask: close the gaps along it first.
-    dotted = cv2.morphologyEx(ink, cv2.MORPH_CLOSE, np.ones((3, gap) if horizontal else (gap, 3), np.uint8))
+    dotted = cv2.morphologyEx(ink, cv2.MORPH_CLOSE, _ones(3, gap) if horizontal else _ones(gap, 3))
     slack = max(5, math.ceil(run * math.tan(math.radians(10)))) | 1  # a line turned by up to 10 degrees passes
     across, along = ((slack, 1), (1, run)) if horizontal else ((1, slack), (run, 1))
     # The opening (erode, then dilate) along the direction keeps the long runs; it is empty exactly when
     # its erosion is, which most images' is: test that before the dilation.
-    kept = cv2.erode(cv2.dilate(dotted, np.ones(across, np.uint8)), np.ones(along, np.uint8))
+    kept = cv2.erode(cv2.dilate(dotted, _ones(*across)), _ones(*along))
     if not kept.any():
         return found.astype(bool)
-    runs = cv2.dilate(kept, np.ones(along, np.uint8))
+    runs = cv2.dilate(kept, _ones(*along))
     candidates = np.minimum(runs, dotted)  # the transform only looks where such runs are: far fewer pixels
     max_gap = max(2, length // 40) if max_gap is None else max_gap
     if not _may_hold_segment(candidates, length, max_gap):
@@ -879,7 +899,7 @@ def _long_lines(mask: np.ndarray, length: int, horizontal: bool, max_gap: int | 
         if (abs(x1 - x0) > abs(y1 - y0) * steep) == horizontal:
             cv2.line(found, (x0, y0), (x1, y1), 1, 3)
     # A thick or blurred line is wider than the 3 px drawn along its centre: grow across it, within the ink.
-    grow = np.ones((3, 1) if horizontal else (1, 3), np.uint8)
+    grow = _ones(3, 1) if horizontal else _ones(1, 3)
     for _ in range(8):
         found = np.minimum(cv2.dilate(found, grow), ink)
     return found > 0
@@ -890,10 +910,10 @@ def _frame_sides(rest: np.ndarray, lines: np.ndarray, digit: float) -> np.ndarra
     thin pieces (under 0.4 digit heights across, or under 0.6 and a fifth of one thick) at least 0.8 digit
     heights long that touch removed lines at both ends, within an eighth of a digit (a cell's side runs from
     its top border to its bottom one; a "1" standing on a rule touches it at one end only)."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(rest.astype(np.uint8), connectivity=8)
+    count, labels, stats, _ = _pieces(rest.astype(np.uint8))
     # Within an eighth of a digit, not 2 px: a Hough segment can stop a few pixels short of a thin side's corner.
     reach = max(5, round(digit / 8) | 1)
-    near_lines = cv2.dilate(lines.astype(np.uint8), np.ones((reach, reach), np.uint8)) > 0
+    near_lines = cv2.dilate(lines.astype(np.uint8), _ones(reach, reach)) > 0
     sides = np.zeros_like(rest)
     for index in range(1, count):
         left, top, width, height = stats[index, :4]
@@ -921,7 +941,7 @@ def _sides_touching_digits(rest: np.ndarray, lines: np.ndarray, near_lines: np.n
     for vertical in (True, False):
         ink, removed, near = (rest, lines, near_lines) if vertical else (rest.T, lines.T, near_lines.T)
         # A faint side is broken by noise into dashes: gaps shorter than `reach` along it do not end a run.
-        joined = cv2.morphologyEx(ink.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((reach, 1), np.uint8)) > 0
+        joined = cv2.morphologyEx(ink.astype(np.uint8), cv2.MORPH_CLOSE, _ones(reach, 1)) > 0
         edges = np.diff(np.pad(joined, ((1, 1), (0, 0))).astype(np.int8), axis=0).T  # (columns, rows + 1)
         columns, starts = np.nonzero(edges == 1)  # runs [start, end) down each column, in column order
         ends = np.nonzero(edges == -1)[1]
@@ -931,7 +951,7 @@ def _sides_touching_digits(rest: np.ndarray, lines: np.ndarray, near_lines: np.n
         runs = np.zeros_like(ink)
         for column, start, end in zip(columns[found], starts[found], ends[found]):
             runs[start:end, column] = True
-        _, pieces, stats, _ = cv2.connectedComponentsWithStats(np.ascontiguousarray(removed).astype(np.uint8), connectivity=8)
+        _, pieces, stats, _ = _pieces(np.ascontiguousarray(removed).astype(np.uint8))
         for first, last in _runs(np.asarray(runs.any(0))):
             rows = np.flatnonzero(runs[:, first:last].any(1))
             if last - first < 0.6 * digit and all(_corner(pieces, stats, int(row), first, last, reach) for row in (rows[0], rows[-1])):
@@ -970,7 +990,7 @@ def _thin_pieces(lines: np.ndarray, horizontal: bool, thickest: float) -> np.nda
     table line, and `_long_lines` grows it across into the digits' ink: a piece as thick as half a digit."""
     if not lines.any():
         return lines
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(lines.astype(np.uint8), connectivity=8)
+    _, labels, stats, _ = _pieces(lines.astype(np.uint8))
     extent = stats[1:, cv2.CC_STAT_WIDTH if horizontal else cv2.CC_STAT_HEIGHT]
     thin = np.concatenate([[False], stats[1:, cv2.CC_STAT_AREA] <= thickest * extent])
     return thin[labels]
@@ -986,7 +1006,7 @@ def _stroke_of_a_glyph(mask: np.ndarray, lines: np.ndarray) -> bool:
     if cv2.connectedComponents(lines.astype(np.uint8), connectivity=8)[0] != 2:
         return False
     rest = mask & ~lines
-    near = cv2.dilate(lines.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    near = cv2.dilate(lines.astype(np.uint8), _ones(5, 5)) > 0
     touching = np.count_nonzero(rest & near)
     return bool(touching > 0 and 10 * touching >= np.count_nonzero(rest))
 
@@ -1029,7 +1049,7 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     rest = mask & ~(across | down)
     if not rest.any():  # all of it: the "lines" are the writing
         return x, mask, (), 0.0
-    count, labels, stats, centres = cv2.connectedComponentsWithStats(rest.astype(np.uint8), connectivity=8)
+    count, labels, stats, centres = _pieces(_bytes(rest))
     # Measure the digits without the frames around them: a cell's border is taller than its digits.
     frames = _frame_lines(labels, stats, across) | _boxes_around_ink(rest, stats, centres)
     all_ink = not frames.any() or not (rest & ~frames).any()
@@ -1047,7 +1067,7 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
         rest = mask & ~(across | down)
         # Where a digit's stroke crosses a line there is ink on both sides of it within a few pixels:
         # those line pixels are the stroke's and stay.
-        bridge = np.ones((max(3, round(digit / 6)) | 1, 1), np.uint8)
+        bridge = _ones(max(3, round(digit / 6)) | 1, 1)
         ink = rest.astype(np.uint8)
         rest |= across & (cv2.morphologyEx(ink, cv2.MORPH_CLOSE, bridge) > 0)
         rest |= down & (cv2.morphologyEx(ink, cv2.MORPH_CLOSE, bridge.T) > 0)
@@ -1060,7 +1080,7 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     # digit height each way, where digits are SMALL_CLUTTER_MIN_DIGIT_HEIGHT tall or more. The pieces of a thin
     # digit broken apart make a group of a digit's size, and stay.
     if removed:
-        count, labels, stats, _ = cv2.connectedComponentsWithStats(rest.astype(np.uint8), connectivity=8)
+        count, labels, stats, _ = _pieces(rest.astype(np.uint8))
     if count > 2 and digit >= SMALL_CLUTTER_MIN_DIGIT_HEIGHT:
         left, top, width, height = (stats[1:, k].astype(np.float64) for k in range(4))
         small = (width < 0.5 * digit) & (height < 0.5 * digit)

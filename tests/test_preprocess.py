@@ -3,10 +3,13 @@ import io
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from data.suites import suite_samples
 from data.synth import STYLES, SequenceSynth, render_sprites
+from model import preprocess
 from model.preprocess import (
     MARGIN,
     TARGET_DIGIT_HEIGHT,
@@ -354,3 +357,60 @@ def test_another_scale_of_the_same_ink_matches_preprocessing_at_that_digit_heigh
     assert taller.shape[0] > prepared.image.shape[0]
     fitted = prepared.at_scale(4.0, max_size=(40, 400))
     assert fitted.shape[0] <= 40
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(
+    shape=st.tuples(st.integers(4, 90), st.integers(4, 90)),
+    images=st.integers(0, 5),
+    ink=st.floats(0.0, 0.7),
+    level=st.floats(0.2, 2.0),
+    seed=st.integers(0, 2**16),
+)
+def test_the_ink_threshold_splits_the_binned_histogram_best(shape, images, ink, level, seed):
+    """`_otsu_threshold` (OpenCV's Otsu on the bin numbers), against Otsu's criterion worked out in full on
+    64 bins: the bin whose centre it returns splits the histogram as well as any bin does, for one image
+    (images 0) or each image of a stack; ink raised over 1 counts in the last bin."""
+    rng = np.random.default_rng(seed)
+    stack = (images or 1,)
+    values = np.abs(rng.normal(0.0, 0.05, shape + stack))
+    strokes = rng.random(shape + stack) < ink
+    values[strokes] = rng.uniform(0.2, level, np.count_nonzero(strokes))
+    values = values.astype(np.float32)
+    if not images:
+        values = values[..., 0]
+    thresholds = np.atleast_1d(preprocess._otsu_threshold(values))
+    assert thresholds.shape == stack
+    for m, threshold in enumerate(thresholds):
+        each = values if not images else values[..., m]
+        hist = np.bincount(np.minimum((each * 64).astype(np.intp), 63).ravel(), minlength=64).astype(np.float64)
+        centres = (np.arange(64) + 0.5) / 64
+        low, moment = np.cumsum(hist), np.cumsum(hist * centres)
+        high = low[-1] - low
+        between = low * high * (moment / np.maximum(low, 1) - (moment[-1] - moment) / np.maximum(high, 1)) ** 2
+        chosen = round(threshold * 64 - 0.5)
+        assert threshold == centres[chosen]
+        assert between[chosen] >= between.max() * (1 - 1e-9)
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(flags=st.lists(st.booleans(), max_size=80))
+def test_runs_of_true_are_found_whole(flags):
+    array = np.array(flags, dtype=bool)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], array.astype(np.int8), [0]])))
+    assert preprocess._runs(array) == list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+    assert preprocess._runs(array[::2]) == preprocess._runs(array[::2].copy())  # a strided view reads the same
+
+
+def test_pieces_beyond_16_bit_labels_are_counted_all():
+    """`_pieces` labels in 16 bits where every piece fits and in 32 bits where not: specks every other pixel of a
+    600 x 600 mask are 90,000 pieces, more than 16 bits count, and each keeps a label of its own."""
+    specks = np.zeros((600, 600), np.uint8)
+    specks[::2, ::2] = 1
+    count, labels, stats, _ = preprocess._pieces(specks)
+    assert count == 90_001 and int(labels.max()) == 90_000
+    assert (stats[1:, cv2.CC_STAT_AREA] == 1).all()
+    small = specks[:40, :40]
+    reference = cv2.connectedComponentsWithStats(small, connectivity=8)
+    for ours, theirs in zip(preprocess._pieces(small), reference):
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))
