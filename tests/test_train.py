@@ -14,7 +14,7 @@ from model.decoding import greedy_decode
 from model.network import DigitReader
 from tests.conftest import TINY
 from train import loop
-from train.batches import IGNORE, BatchMaker, TrainingStream, step_loader
+from train.batches import IGNORE, Batch, BatchMaker, StepLoader, TrainingStream
 from train.loop import PRESETS, learning_rate, loss_on, train
 
 
@@ -45,10 +45,33 @@ def test_loader_workers_deliver_every_step_once_in_order(pools):
         cv2.GaussianBlur(np.ones((2000, 2000), np.float32), (15, 15), 3)
     cv2.setNumThreads(threads)
     maker = PRESETS["tiny"].batch_maker(pools["train"])
-    loader = step_loader(maker, 5, 12, workers=3)
-    loader.timeout = 120  # a hung worker fails the test instead of stalling it
+    loader = StepLoader(maker, 5, 12, workers=3, timeout=120)  # a hung worker fails the test instead of stalling it
     delivered = [[b.digits for b in step] for step in loader]
     assert delivered == [[b.digits for b in maker(step)] for step in range(5, 12)]
+
+
+class SlowSteps:
+    """A stand-in BatchMaker whose steps from 2 on take `seconds`; each finished step leaves a file named after it."""
+
+    def __init__(self, folder, seconds: float):
+        self.folder, self.seconds = folder, seconds
+
+    def __call__(self, step: int) -> list[Batch]:
+        if step >= 2:
+            time.sleep(self.seconds)
+        (self.folder / str(step)).touch()
+        return []
+
+
+def test_a_loader_closed_early_lets_its_worker_finish_the_batch_it_is_making(tmp_path):
+    """A run whose time is up closes its StepLoader. Its worker, half-way through a batch longer than the 5 s a
+    dropped DataLoader waits before killing it, finishes that batch and makes no other."""
+    loader = StepLoader(SlowSteps(tmp_path, seconds=6), 0, 6, workers=1, timeout=120)
+    for step, _ in enumerate(loader):
+        if step == 1:
+            break
+    loader.close()
+    assert sorted(int(path.name) for path in tmp_path.iterdir()) == [0, 1, 2]
 
 
 def test_short_run_writes_checkpoints_and_resumes_exactly(tmp_path, pools, monkeypatch):

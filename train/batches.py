@@ -10,8 +10,10 @@ without sharing any state with it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import multiprocessing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from multiprocessing.synchronize import Event
 
 import cv2
 import numpy as np
@@ -263,11 +265,12 @@ def _weighted_choice(weights: dict[str, float], rng: np.random.Generator) -> str
 
 
 class TrainingStream(torch.utils.data.IterableDataset):
-    """A rank's shares of steps start_step, start_step+1, ... of a run, for a DataLoader worker to make ahead."""
+    """A rank's shares of steps start_step, start_step+1, ... of a run, for a DataLoader worker to make ahead;
+    once `stop` is set, a worker makes no further step."""
 
-    def __init__(self, maker: BatchMaker, start_step: int, end_step: int):
+    def __init__(self, maker: Callable[[int], list[Batch]], start_step: int, end_step: int, stop: Event | None = None):
         super().__init__()
-        self.maker, self.start_step, self.end_step = maker, start_step, end_step
+        self.maker, self.start_step, self.end_step, self.stop = maker, start_step, end_step, stop
 
     def __iter__(self):
         # Worker w of W makes steps start+w, start+w+W, ...: the DataLoader takes one item from each worker
@@ -279,17 +282,41 @@ class TrainingStream(torch.utils.data.IterableDataset):
             cv2.setNumThreads(1)
             first, stride = self.start_step + worker.id, worker.num_workers
         for step in range(first, self.end_step, stride):
+            if self.stop is not None and self.stop.is_set():
+                return
             yield self.maker(step)
 
 
-def step_loader(maker: BatchMaker, start_step: int, end_step: int, workers: int) -> torch.utils.data.DataLoader:
-    """Steps start_step .. end_step - 1 of maker's stream, made in the loop (workers=0) or by worker processes ahead of it.
+class StepLoader:
+    """Steps start_step .. end_step - 1 of maker's stream, made in the loop (workers=0) or by worker processes
+    ahead of it; `close` ends a run that stops early.
 
     Workers are spawned, not forked. A forked worker inherits OpenCV's thread pool in whatever state the
     parent left it. The parent runs OpenCV on several threads when it builds the validation set, and after
     that a forked worker hung in `cv2.setNumThreads`. A spawned worker starts clean.
+    A DataLoader dropped with its workers still making batches (a run whose time is up) waits 5 s for each
+    and then kills it: a worker on a batch longer than that died with a traceback (`terminate called without
+    an active exception`), and the run lost the 5 s. `close` lets each worker finish the batch it is making
+    and stop, and takes what they made, unused. `timeout` > 0: a worker silent that long fails the run.
     """
-    return torch.utils.data.DataLoader(
-        TrainingStream(maker, start_step, end_step), batch_size=None, num_workers=workers,
-        prefetch_factor=4 if workers else None, multiprocessing_context="spawn" if workers else None,
-    )
+
+    def __init__(self, maker: Callable[[int], list[Batch]], start_step: int, end_step: int, workers: int, timeout: float = 0):
+        self.stop = multiprocessing.get_context("spawn").Event() if workers else None
+        self.loader = torch.utils.data.DataLoader(
+            TrainingStream(maker, start_step, end_step, self.stop), batch_size=None, num_workers=workers,
+            prefetch_factor=4 if workers else None, multiprocessing_context="spawn" if workers else None, timeout=timeout,
+        )
+        self.steps: Iterator[list[Batch]] | None = None
+
+    def __iter__(self) -> Iterator[list[Batch]]:
+        self.steps = iter(self.loader)
+        return self.steps
+
+    def close(self) -> None:
+        """Stop the workers after the batches they are making, and drain what they made."""
+        if self.stop is None or self.steps is None:
+            return
+        self.stop.set()
+        for _ in self.steps:
+            pass
+        self.steps = None

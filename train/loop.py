@@ -23,7 +23,7 @@ from model.checkpoint import CheckpointError, git_commit, load_checkpoint, load_
 from model.decoding import read_batch
 from model.network import DigitClassifier, DigitReader, ModelConfig, batchnorm_layers, build_model, count_parameters
 from train import distributed
-from train.batches import IGNORE, Batch, BatchMaker, Mixture, canonical_images, collate, step_loader
+from train.batches import IGNORE, Batch, BatchMaker, Mixture, StepLoader, canonical_images, collate
 from train.distributed import Placement
 
 
@@ -447,11 +447,11 @@ class _Stage:
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.entered
 
-    def batches(self) -> torch.utils.data.DataLoader:
+    def batches(self) -> StepLoader:
         """The rank's micro-batches of every step from start_step on (train.batches.BatchMaker)."""
         cfg, place = self.cfg, self.place
-        return step_loader(cfg.batch_maker(self.pools["train"], place.rank, place.world_size), self.start_step, cfg.steps,
-                           cfg.loader_workers)
+        return StepLoader(cfg.batch_maker(self.pools["train"], place.rank, place.world_size), self.start_step, cfg.steps,
+                          cfg.loader_workers)
 
     def snapshot(self, step: int, scores: dict | None, done: bool = False) -> None:
         """OUT/last (and OUT/best when validation improved) with the optimizer state to resume from."""
@@ -489,7 +489,8 @@ class _Stage:
                    disable=not place.is_main)
         window_start, window_samples = time.time(), 0
         completed, scored_at, ended = self.start_step, -1, False
-        for step, micro_batches in enumerate(self.batches(), start=self.start_step):
+        batches = self.batches()
+        for step, micro_batches in enumerate(batches, start=self.start_step):
             clock, out_of_time = distributed.agree_on_clock(place, self.elapsed(), deadline)
             if out_of_time:
                 ended = True
@@ -519,6 +520,7 @@ class _Stage:
             if scored_at == completed and on_validation is not None and not on_validation(completed, metrics):
                 ended = True
                 break
+        batches.close()  # a run that stopped early: its loader's workers finish their batches, not killed mid-way
         bar.close()
         if self.log is not None:
             if scored_at != completed:
