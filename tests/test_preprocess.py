@@ -403,8 +403,8 @@ def test_runs_of_true_are_found_whole(flags):
 
 
 def test_pieces_beyond_16_bit_labels_are_counted_all():
-    """`_pieces` labels in 16 bits where every piece fits and in 32 bits where not: specks every other pixel of a
-    600 x 600 mask are 90,000 pieces, more than 16 bits count, and each keeps a label of its own."""
+    """`_pieces` labels in 16 bits, and in 32 where OpenCV refuses 16: specks every other pixel of a 600 x 600
+    mask are 90,000 pieces, more than 16 bits count, and each keeps a label of its own."""
     specks = np.zeros((600, 600), np.uint8)
     specks[::2, ::2] = 1
     count, labels, stats, _ = preprocess._pieces(specks)
