@@ -247,7 +247,7 @@ def to_grayscale(image: Image.Image) -> np.ndarray:
     # a last axis of 3. RGB (photos) is read as it is, without an alpha channel to copy and test.
     pixels = np.asarray(image if image.mode in ("RGB", "RGBA") else image.convert("RGBA"))
     unit = np.float32(1 / 255)
-    channels = [pixels[..., c].astype(np.float32) * unit for c in range(3)]
+    channels = [np.multiply(pixels[..., c], unit, dtype=np.float32) for c in range(3)]  # one pass each
     if pixels.shape[-1] == 4 and pixels[..., 3].min() < 255:
         alpha = pixels[..., 3].astype(np.float32) * unit
         opaque = alpha > 0.5
@@ -255,17 +255,24 @@ def to_grayscale(image: Image.Image) -> np.ndarray:
         backdrop = np.float32(1.0 if stroke_luma < 0.5 else 0.0)
         channels = [c * alpha + backdrop * (1.0 - alpha) for c in channels]
     red, green, blue = channels
-    luma = red * np.float32(0.299) + green * np.float32(0.587) + blue * np.float32(0.114)
     # Coloured ink (blue biro, red pen) has a middling luma but one dark channel: on light paper the
     # darkest channel separates it best, on dark boards the brightest. Each channel is first measured
     # against the paper's own colour (its median), so coloured paper (a yellow sticky note, whose blue
     # channel is dark everywhere) turns white and the ink, darker than the paper in some channel, dark.
-    step = max(1, int(math.sqrt(luma.size / 20_000)))
-    if np.median(luma[::step, ::step]) > 0.5:
-        paper = [max(float(np.median(c[::step, ::step])), 0.05) for c in channels]
-        darkest = np.minimum(np.minimum(red / paper[0], green / paper[1]), blue / paper[2])
-        return np.minimum(darkest, np.float32(1.0))
-    return np.maximum(np.maximum(red, green), blue)
+    # Which of the two is decided on the luma of a strided sample of about 20,000 pixels.
+    step = max(1, int(math.sqrt(red.size / 20_000)))
+    sample = [c[::step, ::step] for c in channels]
+    luma = sample[0] * np.float32(0.299) + sample[1] * np.float32(0.587) + sample[2] * np.float32(0.114)
+    # The channels are this function's own: the arithmetic runs in place, without a 4-byte plane per step.
+    if np.median(luma) > 0.5:
+        paper = [max(float(np.median(c)), 0.05) for c in sample]
+        for channel, level in zip(channels, paper):
+            channel /= np.float32(level)
+        darkest = np.minimum(red, green, out=red)
+        np.minimum(darkest, blue, out=darkest)
+        return np.minimum(darkest, np.float32(1.0), out=darkest)
+    brightest = np.maximum(red, green, out=red)
+    return np.maximum(brightest, blue, out=brightest)
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
