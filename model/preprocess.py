@@ -56,11 +56,18 @@ WORKING_SIDE = 1024  # longer sides are downscaled to this before anything else
 CV_MAX_CHANNELS = 128  # OpenCV's filters take images of at most this many channels (preprocess_digits' stacks)
 
 
+def _bytes(mask: np.ndarray) -> np.ndarray:
+    """A mask as the 0/1 bytes OpenCV takes; a boolean mask's own memory, without a copy."""
+    return np.asarray(mask, dtype=bool).view(np.uint8)
+
+
 def _pieces(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-    """`cv2.connectedComponentsWithStats(mask, connectivity=8)` of a 0/1 uint8 mask: (count, labels, stats,
-    centres). The labels are 16-bit unless there are more pieces than that counts, which OpenCV refuses:
+    """`cv2.connectedComponentsWithStats(mask, connectivity=8)` of a boolean or 0/1 uint8 mask: (count, labels,
+    stats, centres). The labels are 16-bit unless there are more pieces than that counts, which OpenCV refuses:
     its 32-bit labelling with statistics runs on its thread pool and takes about twice as long, on a
     grid's 56x56 mask as on a photo's 1024x768. Counts, stats, centres and label values are the same."""
+    if mask.dtype == bool:
+        mask = _bytes(mask)
     try:
         return cv2.connectedComponentsWithStats(mask, connectivity=8, ltype=cv2.CV_16U)
     except cv2.error:  # over 65,535 pieces: specks every other pixel of a large image
@@ -73,11 +80,6 @@ def _ones(height: int, width: int) -> np.ndarray:
     kernel = np.ones((height, width), np.uint8)
     kernel.setflags(write=False)
     return kernel
-
-
-def _bytes(mask: np.ndarray) -> np.ndarray:
-    """A mask as the 0/1 bytes OpenCV takes; a boolean mask's own memory, without a copy."""
-    return np.asarray(mask, dtype=bool).view(np.uint8)
 
 
 class ImageReadError(ValueError):
@@ -449,7 +451,7 @@ def estimate_digit_height(mask: np.ndarray, pieces: np.ndarray | None = None) ->
     if not (np.array(widths) >= heights_arr)[tall_enough].any():
         return by_line
     if pieces is None:
-        pieces = _pieces(mask.astype(np.uint8))[2][1:]
+        pieces = _pieces(mask)[2][1:]
     width, height = pieces[:, cv2.CC_STAT_WIDTH], pieces[:, cv2.CC_STAT_HEIGHT]
     if np.count_nonzero((width >= 2 * height) & (height < 0.25 * height.max())) < 6:
         return by_line
@@ -704,7 +706,7 @@ def skew_angle(mask: np.ndarray) -> float:
         return 0.0
     # Two digits placed apart, one higher than the other, also spread along a slanted axis; but they are
     # two lines, not one turned line: a line needs at least three pieces of ink along it.
-    count, _, stats, _ = _pieces(mask.astype(np.uint8))
+    count, _, stats, _ = _pieces(mask)
     if count - 1 < 3:
         return 0.0
     # One line, not a block of several: across the axis the ink spreads like one digit's height, not more.
@@ -918,7 +920,7 @@ def _frame_sides(rest: np.ndarray, lines: np.ndarray, digit: float) -> np.ndarra
     thin pieces (under 0.4 digit heights across, or under 0.6 and a fifth of one thick) at least 0.8 digit
     heights long that touch removed lines at both ends, within an eighth of a digit (a cell's side runs from
     its top border to its bottom one; a "1" standing on a rule touches it at one end only)."""
-    count, labels, stats, _ = _pieces(rest.astype(np.uint8))
+    count, labels, stats, _ = _pieces(rest)
     # Within an eighth of a digit, not 2 px: a Hough segment can stop a few pixels short of a thin side's corner.
     reach = max(5, round(digit / 8) | 1)
     near_lines = cv2.dilate(lines.astype(np.uint8), _ones(reach, reach)) > 0
@@ -959,7 +961,7 @@ def _sides_touching_digits(rest: np.ndarray, lines: np.ndarray, near_lines: np.n
         runs = np.zeros_like(ink)
         for column, start, end in zip(columns[found], starts[found], ends[found]):
             runs[start:end, column] = True
-        _, pieces, stats, _ = _pieces(np.ascontiguousarray(removed).astype(np.uint8))
+        _, pieces, stats, _ = _pieces(np.ascontiguousarray(removed))
         for first, last in _runs(np.asarray(runs.any(0))):
             rows = np.flatnonzero(runs[:, first:last].any(1))
             if last - first < 0.6 * digit and all(_corner(pieces, stats, int(row), first, last, reach) for row in (rows[0], rows[-1])):
@@ -998,7 +1000,7 @@ def _thin_pieces(lines: np.ndarray, horizontal: bool, thickest: float) -> np.nda
     table line, and `_long_lines` grows it across into the digits' ink: a piece as thick as half a digit."""
     if not lines.any():
         return lines
-    _, labels, stats, _ = _pieces(lines.astype(np.uint8))
+    _, labels, stats, _ = _pieces(lines)
     extent = stats[1:, cv2.CC_STAT_WIDTH if horizontal else cv2.CC_STAT_HEIGHT]
     thin = np.concatenate([[False], stats[1:, cv2.CC_STAT_AREA] <= thickest * extent])
     return thin[labels]
@@ -1057,7 +1059,7 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     rest = mask & ~(across | down)
     if not rest.any():  # all of it: the "lines" are the writing
         return x, mask, (), 0.0
-    count, labels, stats, centres = _pieces(_bytes(rest))
+    count, labels, stats, centres = _pieces(rest)
     # Measure the digits without the frames around them: a cell's border is taller than its digits.
     frames = _frame_lines(labels, stats, across) | _boxes_around_ink(rest, stats, centres)
     all_ink = not frames.any() or not (rest & ~frames).any()
@@ -1088,7 +1090,7 @@ def remove_clutter(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     # digit height each way, where digits are SMALL_CLUTTER_MIN_DIGIT_HEIGHT tall or more. The pieces of a thin
     # digit broken apart make a group of a digit's size, and stay.
     if removed:
-        count, labels, stats, _ = _pieces(rest.astype(np.uint8))
+        count, labels, stats, _ = _pieces(rest)
     if count > 2 and digit >= SMALL_CLUTTER_MIN_DIGIT_HEIGHT:
         left, top, width, height = (stats[1:, k].astype(np.float64) for k in range(4))
         small = (width < 0.5 * digit) & (height < 0.5 * digit)
