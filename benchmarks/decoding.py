@@ -27,9 +27,9 @@ from model.preprocess import batch_images
 from train.batches import canonical_images, sequence_tensors
 
 
-def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
-    """Peak-ish FLOP/s of this machine for a large float32 matrix multiply."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_flops_per_s(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Peak-ish FLOP/s of this machine for a large matrix multiply (float32 unless told)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):

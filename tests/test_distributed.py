@@ -71,7 +71,7 @@ def ddp_steps_worker(rank: int, world_size: int, port: int, batches: list[Batch]
             model, optimizer = fresh(cfg)
             ddp = distributed.wrap(model, place)
             for step, batch in enumerate(batches):
-                training_step(ddp, optimizer, [share(batch, rank, world_size)], cfg, learning_rate(cfg, step), place, mixed_precision(CPU))
+                training_step(ddp, optimizer, [share(batch, rank, world_size)], cfg, learning_rate(cfg, step), place, mixed_precision(CPU, "fp32"))
             if place.is_main:
                 torch.save(params_and_grads(model), Path(out_dir) / f"{name}.pt")
 
@@ -96,7 +96,7 @@ def test_two_gloo_processes_take_the_step_of_one_process_with_the_global_batch(p
     # Plain ViT: DDP equals one process stepping on the whole global batch.
     model, optimizer = fresh(PLAIN)
     for step, batch in enumerate(batches):
-        training_step(model, optimizer, [batch], PLAIN, learning_rate(PLAIN, step), SINGLE, mixed_precision(CPU))
+        training_step(model, optimizer, [batch], PLAIN, learning_rate(PLAIN, step), SINGLE, mixed_precision(CPU, "fp32"))
     assert_close(torch.load(tmp_path / "plain.pt"), params_and_grads(model))
 
     # Conv stem: SyncBatchNorm does not run on CPU, so under gloo each rank normalises its own half.

@@ -6,7 +6,7 @@ from data.suites import suite_samples
 from model.checkpoint import save_checkpoint
 from model.decoding import Calibration
 from train.calibrate import confidences, fit_logistic, fit_temperature
-from train.evaluate import by_length, edit_distance, error_kinds, expected_calibration_error, main, score
+from train.evaluate import by_length, calibration_summary, edit_distance, error_kinds, errors_table, expected_calibration_error, main, score
 
 
 def test_edit_distance_and_scores():
@@ -84,6 +84,18 @@ def test_calibration_error_is_zero_when_confidence_matches_accuracy_and_large_wh
     calibrated = [True] * 95 + [False] * 5 + [True] * 55 + [False] * 45
     assert expected_calibration_error(confidences, calibrated) < 1e-9
     assert abs(expected_calibration_error(confidences, [True] * 200) - (0.05 + 0.45) / 2) < 1e-9
+
+
+def test_the_calibration_line_says_so_when_no_reading_is_confident():
+    kinds = {"wrong_digit": 0.5, "skipped_digit": 0.0, "extra_digit": 0.0, "duplicated_digit": 0.0}
+    results = {"grid2x2": {"confidences": [0.4, 0.7], "correct": [True, False], "error_kinds": kinds}}
+    summary = calibration_summary(results)
+    json.dumps(summary, allow_nan=False)  # results.json stays valid JSON
+    assert errors_table(results, summary).endswith("no reading has confidence >= 0.9.")
+    results["grid2x2"].update(confidences=[0.95, 0.7], correct=[True, False])
+    assert errors_table(results, calibration_summary(results)).endswith(
+        "50.0% of readings have confidence >= 0.9, and 100.00% of those are right."
+    )
 
 
 def test_fitted_temperature_recovers_the_one_that_made_the_data():

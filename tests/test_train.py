@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from data.synth import STYLES, canonical_digits
@@ -225,3 +226,42 @@ def test_classifier_batches_keep_digits_too_wide_for_the_square_at_their_own_siz
     resumed = BatchMaker(pools["train"], cfg.mixture(), cfg.model, 128, seed=0)
     assert all(torch.equal(a.images, b.images) for a, b in zip(resumed(0), batches))
     assert not torch.equal(maker(1)[0].images[:16], square.images[:16])
+
+
+def test_precision_auto_trains_in_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    cpu = torch.device("cpu")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda native=native: native)
+        assert loop.resolved_precision(cpu) == expected
+        with loop.mixed_precision(cpu):
+            assert torch.is_autocast_enabled("cpu") == (expected == "bf16")
+        assert loop.resolved_precision(cpu, "fp32") == "fp32" and loop.resolved_precision(cpu, "bf16") == "bf16"
+    assert loop.resolved_precision(torch.device("mps"), "bf16") == "fp32"
+    with pytest.raises(ValueError, match=r"--set precision="):
+        loop.resolved_precision(cpu, "fp16")
+
+
+def test_a_bf16_step_runs_its_linear_layers_in_bf16_and_attention_in_fp32(pools, monkeypatch):
+    cfg = PRESETS["tiny"]
+    batch = BatchMaker(pools["train"], cfg.mixture(), cfg.model, 8, seed=0, bank_size=64)(3)[0]
+    torch.manual_seed(0)
+    model = DigitReader(cfg.model)
+    cpu = torch.device("cpu")
+    attention_dtypes, linear_dtypes = [], []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(query, *args, **kwargs):
+        attention_dtypes.append(query.dtype)
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    model.decoder.head.register_forward_hook(lambda module, inputs, output: linear_dtypes.append(output.dtype))
+    fp32 = loss_on(model, batch, cfg, cpu)
+    with loop.mixed_precision(cpu, "bf16"):
+        bf16 = loss_on(model, batch, cfg, cpu)
+    bf16.backward()
+    assert linear_dtypes == [torch.float32, torch.bfloat16]
+    assert attention_dtypes and set(attention_dtypes) == {torch.float32}
+    assert bf16.dtype == torch.float32 and bf16.item() != fp32.item()
+    assert abs(bf16.item() - fp32.item()) < 0.02 * fp32.item()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())

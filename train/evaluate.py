@@ -223,7 +223,7 @@ def calibration_summary(results: dict) -> dict:
         "ece": expected_calibration_error(confidences, correct),
         "bins": calibration_bins(confidences, correct),
         "share_at_0.9": len(confident) / max(1, len(confidences)),
-        "accuracy_at_0.9": float(np.mean(confident)) if confident else float("nan"),
+        "accuracy_at_0.9": float(np.mean(confident)) if confident else None,
     }
 
 
@@ -234,10 +234,16 @@ def errors_table(results: dict, calibration: dict) -> str:
     for name, r in results.items():
         rows.append(f"| {name} | " + " | ".join(f"{100 * r['error_kinds'][k]:.2f}%" for k in kinds) + " |")
     rows.append("")
-    rows.append(
-        f"Calibration over all {calibration['n']} images: expected calibration error {100 * calibration['ece']:.2f}%; "
+    confident = (
         f"{100 * calibration['share_at_0.9']:.1f}% of readings have confidence >= 0.9, and "
         f"{100 * calibration['accuracy_at_0.9']:.2f}% of those are right."
+        if calibration["accuracy_at_0.9"] is not None
+        # A checkpoint straight from training reads with the model's own temperature, whose confidences
+        # label smoothing keeps low: `python -m train.calibrate` fits the map that makes them probabilities.
+        else "no reading has confidence >= 0.9."
+    )
+    rows.append(
+        f"Calibration over all {calibration['n']} images: expected calibration error {100 * calibration['ece']:.2f}%; {confident}"
     )
     return "\n".join(rows)
 
