@@ -265,3 +265,10 @@ def test_a_bf16_step_runs_its_linear_layers_in_bf16_and_attention_in_fp32(pools,
     assert bf16.dtype == torch.float32 and bf16.item() != fp32.item()
     assert abs(bf16.item() - fp32.item()) < 0.02 * fp32.item()
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_the_classifier_stage_trains_with_the_runs_own_seed_device_and_precision():
+    run = replace(PRESETS["race"], seed=7, device="cpu", precision="fp32", loader_workers=1)
+    stage = loop.pretraining_config(run)
+    assert (stage.model.kind, stage.time_budget_s) == ("classifier", run.pretrain_s)
+    assert (stage.seed, stage.device, stage.precision, stage.loader_workers) == (7, "cpu", "fp32", 1)

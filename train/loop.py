@@ -351,11 +351,11 @@ class MetricLog:
 
 def pretraining_config(cfg: TrainConfig) -> TrainConfig:
     """The classifier stage of a run with pretrain_s > 0: the classifier preset's recipe on this run's encoder,
-    seed, device and loader workers."""
+    seed, device, precision and loader workers."""
     base = PRESETS["classifier"]
     return replace(
         base, model=replace(cfg.model, kind="classifier"), time_budget_s=cfg.pretrain_s, seed=cfg.seed,
-        device=cfg.device, compile=cfg.compile, loader_workers=cfg.loader_workers,
+        device=cfg.device, precision=cfg.precision, compile=cfg.compile, loader_workers=cfg.loader_workers,
     )
 
 
