@@ -1,6 +1,7 @@
 """Training end to end on a tiny model: overfitting one batch, checkpoints, exact resume, time budgets."""
 
 import itertools
+import json
 import time
 from dataclasses import replace
 
@@ -16,6 +17,7 @@ from model.network import DigitReader
 from tests.conftest import TINY
 from train import loop
 from train.batches import IGNORE, Batch, BatchMaker, StepLoader, TrainingStream
+from train.__main__ import main as train_command
 from train.loop import PRESETS, learning_rate, loss_on, train
 
 
@@ -272,3 +274,19 @@ def test_the_classifier_stage_trains_with_the_runs_own_seed_device_and_precision
     stage = loop.pretraining_config(run)
     assert (stage.model.kind, stage.time_budget_s) == ("classifier", run.pretrain_s)
     assert (stage.seed, stage.device, stage.precision, stage.loader_workers) == (7, "cpu", "fp32", 1)
+
+
+def test_a_run_saved_before_precision_was_a_setting_resumes_in_the_fp32_it_trained_in(tmp_path, monkeypatch):
+    cfg = replace(PRESETS["tiny"], steps=4, warmup_steps=2, eval_every=2, save_every=2, batch_size=4, val_per_layout=2,
+                  precision="fp32")
+    full_stream = TrainingStream.__iter__
+    monkeypatch.setattr(TrainingStream, "__iter__", lambda self: itertools.islice(full_stream(self), 2 - self.start_step))
+    train(cfg, tmp_path)
+    for name, config_of in (("config.json", lambda saved: saved), ("last.state.json", lambda saved: saved["config"])):
+        saved = json.loads((tmp_path / name).read_text())
+        del config_of(saved)["precision"]
+        (tmp_path / name).write_text(json.dumps(saved))
+    monkeypatch.setattr(TrainingStream, "__iter__", full_stream)
+    train_command(["--out", str(tmp_path), "--resume"])
+    training = load_checkpoint(tmp_path / "last.safetensors")[1]["training"]
+    assert (training["step"], training["precision"]) == (4, "fp32")

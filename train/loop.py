@@ -349,6 +349,15 @@ class MetricLog:
             self.wandb.finish()
 
 
+# Settings added since runs began to be saved, with the value a run saved without them trained with.
+LEGACY_DEFAULTS = {"precision": "fp32"}
+
+
+def with_legacy_defaults(saved: dict) -> dict:
+    """A saved training config with the settings it predates filled in as it ran, so that it resumes unchanged."""
+    return {**LEGACY_DEFAULTS, **saved}
+
+
 def pretraining_config(cfg: TrainConfig) -> TrainConfig:
     """The classifier stage of a run with pretrain_s > 0: the classifier preset's recipe on this run's encoder,
     seed, device, precision and loader workers."""
@@ -464,7 +473,7 @@ class _Stage:
         loaded, _ = load_checkpoint(last, device=str(self.place.device))
         self.model.load_state_dict(loaded.state_dict())
         extra = load_training_state(last, self.optimizer)
-        if extra["config"] != self.cfg.to_dict():
+        if with_legacy_defaults(extra["config"]) != self.cfg.to_dict():
             raise CheckpointError(f"cannot resume {self.out}: its training config differs from the one given now")
         self.start_step, self.best = extra["step"], extra["best"]
         self.elapsed_before, self.samples = extra["elapsed_s"], extra["samples"]
