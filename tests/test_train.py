@@ -16,8 +16,8 @@ from model.decoding import greedy_decode
 from model.network import DigitReader
 from tests.conftest import TINY
 from train import loop
-from train.batches import IGNORE, Batch, BatchMaker, StepLoader, TrainingStream
 from train.__main__ import main as train_command
+from train.batches import IGNORE, Batch, BatchMaker, StepLoader, TrainingStream
 from train.loop import PRESETS, learning_rate, loss_on, train
 
 
