@@ -66,8 +66,9 @@ class TrainConfig:
     loader_workers: int = 0  # processes that make batches ahead of the step; 0 = in the loop
     compile: bool = False
     device: str = "auto"
-    # "auto": bf16 autocast on CUDA, and on a CPU with native bf16 arithmetic (AVX512-BF16, AMX or Arm's BF16), where a
-    # step runs 1.4-1.6 times as fast as in fp32 (docs/TRAINING.md, "bf16 on the CPU"); "fp32" or "bf16" to choose.
+    # "auto": bf16 autocast on CUDA, and on a CPU with native bf16 arithmetic (AVX512-BF16, AMX or Arm's BF16), where the
+    # race's one-thread reader steps run a quarter faster than in fp32 (docs/TRAINING.md, "bf16 on the CPU"); "fp32" or
+    # "bf16" to choose.
     # Weights, gradients and the optimizer stay fp32 either way.
     precision: str = "auto"
     tensorboard: bool = False
