@@ -464,7 +464,8 @@ class _Stage:
             (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         step_model = distributed.wrap(self.model, place)
         self.step_model = cast(torch.nn.Module, torch.compile(step_model)) if cfg.compile else step_model
-        self.autocast = mixed_precision(place.device, cfg.precision)
+        self.precision = resolved_precision(place.device, cfg.precision)  # once: it reads the CPU's flags
+        self.autocast = mixed_precision(place.device, self.precision)
         self.val = validation_batches(self.pools["val"], cfg)
         self.log = MetricLog(out, cfg, resume) if place.is_main else None
 
@@ -493,7 +494,7 @@ class _Stage:
         """OUT/last (and OUT/best when validation improved) with the optimizer state to resume from."""
         info = {"step": step, "samples": self.samples, "elapsed_s": self.elapsed(), "finished": done,
                 "started_at_commit": self.started_at_commit,
-                "precision": resolved_precision(self.place.device, self.cfg.precision)}
+                "precision": self.precision}
         training = {"config": self.cfg.to_dict(), **info}
         if scores is not None and scores["mean"] > self.best:
             self.best = scores["mean"]
@@ -515,8 +516,7 @@ class _Stage:
         if place.is_main:
             processes = f", {place.world_size} processes of {cfg.batch_size // place.world_size} samples" if place.distributed else ""
             length = f"{self.budget_s:.0f} s" if budgeted else f"steps {self.start_step}->{cfg.steps}"
-            precision = resolved_precision(place.device, cfg.precision)
-            print(f"{cfg.model.kind}: {count_parameters(self.model):,} parameters, device {place.device} ({precision}), "
+            print(f"{cfg.model.kind}: {count_parameters(self.model):,} parameters, device {place.device} ({self.precision}), "
                   f"{length}{processes}")
         training_mode(self.model, cfg.freeze_batchnorm)
         metrics: dict = {}
