@@ -1,12 +1,13 @@
 """`python -m benchmarks.classifier_errors CHECKPOINT...`: where a classifier misreads MNIST test digits.
 
-Reads the 10,000 MNIST test digits through the reader's preprocessing, as
+Reads the 10,000 MNIST test digits through preprocessing for one digit, as
 `python -m train.evaluate --suites mnist-test` does, with each classifier
 checkpoint given, and prints its accuracy with the errors split by the size
 preprocessing gave each digit: within the classifier stage's square
 (digit_height plus the margins each way), wider than it (a broad 0 or 2), or
-taller (a digit measured short, and so scaled up), and the most frequent
-confusions.
+taller (a digit measured short, and so scaled up: with `--as-text`, which
+measures each digit as a reader measures a line of text), and the most
+frequent confusions.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.classifier_errors", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="classifier checkpoints (a run's OUT/encoder/last.safetensors, or a classifier run's)")
+    parser.add_argument("--as-text", action="store_true", help="measure each digit as a reader's line of text, not as one digit")
     parser.add_argument("--data-root", default=None)
     args = parser.parse_args(argv)
     samples = suite_samples("mnist-test", load_pools(args.data_root, splits=("test",))["test"], 10_000)
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
             raise CheckpointError(f"{checkpoint} is a reader; give a classifier checkpoint, such as a run's encoder/last.safetensors")
         model.eval()
         side = classifier_square(model.cfg)
-        images = canonical_images(samples, model.cfg)
+        images = canonical_images(samples, model.cfg, one_digit=not args.as_text)
         with torch.no_grad():
             predicted = [digits[0] for digits in predict(model, [images])[0]]
         wrong = np.array(predicted) != labels

@@ -6,7 +6,7 @@ composing, rendering, any round trip through the reader's preprocessing, and the
 photo styles (`lined`, `cell`, `phone`) always take the round trip, which is what makes them costly.
 
 Then the classifier stage's lone digits (`data.synth.canonical_digits`), 1,024 a style: the warp, and
-preprocessing digit by digit (`preprocess_ink`) against a stack at a time (`preprocess_digits`, the
+preprocessing digit by digit (`preprocess_ink` with one_digit) against a stack at a time (`preprocess_digits`, the
 same output, which the stage uses).
 """
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         sprites = render_sprites(pool, rng.integers(0, len(pool), 1024), STYLES[style], rng, model.digit_height / MNIST_DIGIT_HEIGHT)
         warped = time.perf_counter()
         for sprite in sprites:
-            preprocess_ink(sprite, model.digit_height, model.max_size)
+            preprocess_ink(sprite, model.digit_height, model.max_size, one_digit=True)
         alone = time.perf_counter()
         preprocess_digits(sprites, model.digit_height, model.max_size)
         stacked = time.perf_counter()

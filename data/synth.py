@@ -268,8 +268,8 @@ def canonical_digits(
     """`count` fresh digits of the pool, each alone, as the model's input (the classifier stage's data), and their labels.
 
     Each digit gets the style's digit effects (shape and stroke, `render_sprites`) at the model's scale and is
-    preprocessed as users' digits are, a stack at a time (`preprocess_digits`: the same output as
-    `preprocess_ink` digit by digit, at 40% of the cost). The style's image effects (paper, blur,
+    preprocessed as a classifier's input is, a stack at a time (`preprocess_digits`: the same output as
+    `preprocess_ink` with one_digit, digit by digit, at 40% of the cost). The style's image effects (paper, blur,
     noise, the round trip at the writer's scale) are left to the reader stage, which sees them on whole images.
     """
     indices = rng.integers(0, len(pool), size=count)

@@ -491,11 +491,13 @@ def dark_ink(gray: np.ndarray) -> bool:
 
 
 def preprocess_array(
-    gray: np.ndarray, digit_height: float = TARGET_DIGIT_HEIGHT, max_size: tuple[int, int] = (MAX_HEIGHT, MAX_WIDTH)
+    gray: np.ndarray, digit_height: float = TARGET_DIGIT_HEIGHT, max_size: tuple[int, int] = (MAX_HEIGHT, MAX_WIDTH),
+    one_digit: bool = False,
 ) -> Preprocessed:
     """Canonicalise a grayscale (H, W) image in [0, 1], either polarity. Raises NoInkError if it is blank.
 
-    digit_height and max_size (height, width) are the model's: its checkpoint says which.
+    digit_height and max_size (height, width) are the model's: its checkpoint says which. `one_digit`:
+    the image holds one digit, as a classifier's input does (see `preprocess_ink`).
     """
     if gray.ndim != 2:
         raise ImageReadError(f"expected a 2D grayscale array, got shape {gray.shape}")
@@ -506,12 +508,12 @@ def preprocess_array(
     inverted = dark_ink(x)
     if inverted:
         x = 1.0 - x
-    return preprocess_ink(x, digit_height, max_size, inverted, declutter=True)
+    return preprocess_ink(x, digit_height, max_size, inverted, declutter=True, one_digit=one_digit)
 
 
 def preprocess_ink(
     x: np.ndarray, digit_height: float = TARGET_DIGIT_HEIGHT, max_size: tuple[int, int] = (MAX_HEIGHT, MAX_WIDTH),
-    inverted: bool = False, declutter: bool = False,
+    inverted: bool = False, declutter: bool = False, one_digit: bool = False,
 ) -> Preprocessed:
     """The rest of preprocessing, for an image whose ink is already the bright part (steps 4-6).
 
@@ -524,6 +526,11 @@ def preprocess_ink(
     canvases with nothing but digits on them, so it skips decluttering, which
     `preprocess_array` (every image from outside) does. `inverted` says the input was
     dark ink on paper (see _remove_background).
+
+    With `one_digit` the image is known to hold one digit (a classifier's input): its height is its
+    ink's, however many bands of rows its strokes make, and it is not levelled. Measured as text, a
+    digit broken into two halves of similar height (a 3, a 5 whose bar stands apart) is two lines of
+    one half each, and each half is scaled up to a whole digit's height.
     """
     working_shape = (int(x.shape[0]), int(x.shape[1]))
     clean = _remove_background(x, on_paper=inverted)
@@ -540,7 +547,7 @@ def preprocess_ink(
         if "lines" in removed:
             x, mask, removed, known_height = remove_clutter(*_ink(clean))
     deskew = None
-    angle = skew_angle(mask)
+    angle = 0.0 if one_digit else skew_angle(mask)
     if angle:
         h, w = mask.shape
         deskew = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
@@ -550,6 +557,8 @@ def preprocess_ink(
         deskew[:, 2] += [(size[0] - w) / 2, (size[1] - h) / 2]
         x, mask = _ink(cv2.warpAffine(x, deskew, size, flags=cv2.INTER_LINEAR, borderValue=0))
         known_height = 0.0
+    if one_digit:
+        known_height = _ink_height(mask)
     image, box, scale, measured, fitted, crop = _crop_to_ink(x, mask, known_height, digit_height, max_size)
     return Preprocessed(image, inverted, box, scale, measured, fitted, working_shape, deskew, removed, crop)
 
@@ -574,6 +583,12 @@ def _crop_to_ink(
     return image, (top, left, bottom, right), scale, measured, fitted, crop
 
 
+def _ink_height(mask: np.ndarray) -> float:
+    """Rows from the mask's first ink to its last (0 without ink)."""
+    rows = np.flatnonzero(np.asarray(mask.any(axis=1)))
+    return float(rows[-1] + 1 - rows[0]) if len(rows) else 0.0
+
+
 def rescale_crop(crop: np.ndarray, scale: float, max_size: tuple[int, int]) -> tuple[np.ndarray, float, bool]:
     """A cropped ink image resized by `scale`, shrunk further if it would not fit max_size, and framed with
     MARGIN pixels: (image, the scale used, whether it was shrunk to fit)."""
@@ -590,20 +605,20 @@ def rescale_crop(crop: np.ndarray, scale: float, max_size: tuple[int, int]) -> t
 
 
 def preprocess_digits(digits: np.ndarray, digit_height: float, max_size: tuple[int, int]) -> list[np.ndarray]:
-    """`preprocess_ink(d, digit_height, max_size).image` for each image d of an (M, H, W) stack of lone digits.
+    """`preprocess_ink(d, digit_height, max_size, one_digit=True).image` for each image d of an (M, H, W) stack
+    of lone digits.
 
     The classifier stage's digits (data.synth.canonical_digits) come a stack at a time; the per-pixel work
     (background, contrast, ink mask) runs once over the whole stack, which OpenCV filters image by image
-    with the same arithmetic, so each result is the one `preprocess_ink` gives for its image alone. A digit
-    that needs more than one crop and measure (a line to level; ink in more than one band of rows or run
-    of columns, which `estimate_digit_height` measures piece by piece) goes through `preprocess_ink` itself.
-    A stack with an image that has no ink goes through `preprocess_ink` image by image, which says which.
+    with the same arithmetic, so each result is the one `preprocess_ink` gives for its image alone: the
+    ink cropped and scaled by its own height. A stack with an image that has no ink goes through
+    `preprocess_ink` image by image, which says which.
     """
     if len(digits) > CV_MAX_CHANNELS:
         return [out for start in range(0, len(digits), CV_MAX_CHANNELS)
                 for out in preprocess_digits(digits[start : start + CV_MAX_CHANNELS], digit_height, max_size)]
     def alone(digit: np.ndarray) -> np.ndarray:
-        return preprocess_ink(digit, digit_height, max_size).image
+        return preprocess_ink(digit, digit_height, max_size, one_digit=True).image
 
     if len(digits) < 2:
         return [alone(d) for d in digits]
@@ -613,16 +628,7 @@ def preprocess_digits(digits: np.ndarray, digit_height: float, max_size: tuple[i
     except NoInkError:
         return [alone(d) for d in digits]
     ink, masks = np.ascontiguousarray(ink.transpose(2, 0, 1)), np.ascontiguousarray(masks.transpose(2, 0, 1))
-    rows, cols = np.asarray(masks.any(2)), np.asarray(masks.any(1))  # (M, H), (M, W)
-    out = []
-    for digit, x, mask, ink_rows, ink_cols in zip(digits, ink, masks, rows, cols):
-        row_runs = _runs(ink_rows)
-        if len(row_runs) != 1 or len(_runs(ink_cols)) != 1 or skew_angle(mask):
-            out.append(alone(digit))
-            continue
-        top, bottom = row_runs[0]
-        out.append(_crop_to_ink(x, mask, bottom - top, digit_height, max_size)[0])
-    return out
+    return [_crop_to_ink(x, mask, _ink_height(mask), digit_height, max_size)[0] for x, mask in zip(ink, masks)]
 
 
 def _ink(x: np.ndarray, local: bool = False) -> tuple[np.ndarray, np.ndarray]:

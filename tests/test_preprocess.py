@@ -319,30 +319,44 @@ def test_detached_strokes_join_only_a_lone_glyph():
 
 
 def test_a_stack_of_lone_digits_preprocesses_as_each_digit_alone(pools):
-    """`preprocess_digits` gives, bit for bit, what `preprocess_ink` gives each digit alone: for the classifier
-    stage's digits of each style (more of them than one OpenCV call takes, so the stack is cut), and for
-    digits it must hand to `preprocess_ink` because their ink's height is not their digit height: a five
-    with a dot above it (two bands of rows; the dot is not measured), two strokes of different heights side
-    by side (two runs of columns, measured piece by piece) and a line of ink turned by 8 degrees (levelled);
-    and for a stack with a heavy digit, whose background is estimated with a wider window than the others'."""
+    """`preprocess_digits` gives, bit for bit, what `preprocess_ink(one_digit=True)` gives each digit alone: for
+    the classifier stage's digits of each style (more of them than one OpenCV call takes, so the stack is cut),
+    for digits whose ink's height is not what a line of text would measure (a five with a dot above it, two
+    strokes of different heights side by side, a line of ink turned by 8 degrees, which one digit never is
+    levelled), and for a stack with a heavy digit, whose background is estimated with a wider window than the others'."""
     rng = np.random.default_rng(3)
     stacks = [render_sprites(pools["test"], rng.integers(0, len(pools["test"]), 150), STYLES[name], rng, 0.8)
               for name in ("shapes", "train", "drawn")]
     awkward = np.zeros((3, 48, 48), dtype=np.float32)
     awkward[0, 6:9, 18:21], awkward[0, 12:32, 12:28] = 1.0, _five_with_detached_bar()
     awkward[1, 8:32, 10:13], awkward[1, 20:32, 20:23] = 1.0, 1.0
-    assert [preprocess_ink(image).digit_height for image in awkward[:2]] == [20, 18]  # their ink: 26 and 24 rows
+    assert [preprocess_ink(image).digit_height for image in awkward[:2]] == [20, 18]  # as text
+    assert [preprocess_ink(image, one_digit=True).digit_height for image in awkward[:2]] == [26, 24]  # their ink
     for left in (4, 18, 32):  # three dashes along a line that falls 8 degrees
         cv2.line(awkward[2], (left, round(30 - 0.14 * left)), (left + 10, round(30 - 0.14 * (left + 10))), 1.0, 2)
     assert preprocess_ink(awkward[2]).levelled_by != 0
+    assert preprocess_ink(awkward[2], one_digit=True).levelled_by == 0
     heavy = np.zeros((1, 48, 48), dtype=np.float32)  # a window of its own (wider) among the stack's others
     heavy[0, 6:42, :] = _heavy_blurred_zero()[:, 4:52]
     stacks.append(np.concatenate([awkward, heavy]))
     for stack in stacks:
         fast = preprocess_digits(stack, 16.0, (160, 384))
-        alone = [preprocess_ink(digit, 16.0, (160, 384)).image for digit in stack]
+        alone = [preprocess_ink(digit, 16.0, (160, 384), one_digit=True).image for digit in stack]
         assert len(fast) == len(stack)
         assert all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(fast, alone))
+
+
+def test_one_digit_broken_in_two_halves_is_measured_whole():
+    """A digit written in two halves of similar height, a few pixels apart, is two lines of text to a reader
+    (each half scaled up to a digit's height) and one digit to a classifier, which knows its input is one."""
+    broken = np.zeros((60, 40), dtype=np.float32)
+    broken[10:27, 12:28] = 1.0  # the upper half
+    broken[33:50, 12:28] = 1.0  # the lower half, 6 px below: more than a detached stroke's gap
+    as_text, whole = preprocess_array(broken), preprocess_array(broken, one_digit=True)
+    assert as_text.digit_height == 17
+    assert whole.digit_height == 40
+    assert whole.image.shape[0] == round(40 * TARGET_DIGIT_HEIGHT / 40) + 2 * MARGIN
+    assert as_text.image.shape[0] > 2 * TARGET_DIGIT_HEIGHT
 
 
 def test_another_scale_of_the_same_ink_matches_preprocessing_at_that_digit_height(strip):

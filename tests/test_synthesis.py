@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from data.mnist import thin
-from data.synth import LAYOUTS, MNIST_DIGIT_HEIGHT, STYLES, DigitBank, SequenceSynth, render_sprites
+from data.synth import LAYOUTS, MNIST_DIGIT_HEIGHT, STYLES, DigitBank, Sample, SequenceSynth, render_sprites
 from model.network import ModelConfig
 from model.preprocess import MARGIN, load_image, preprocess_image
-from train.batches import BatchMaker, Mixture
+from train.batches import BatchMaker, Mixture, canonical_images
 
 CONFIG = ModelConfig(digit_height=16.0)
 MAX_SIZE = CONFIG.max_size
@@ -113,3 +113,17 @@ def test_brush_strokes_have_the_asked_width(pools, width):
         to_edge = cv2.distanceTransform(ink, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
         measured = (2 * np.median(to_edge[middle]) - 1) / unit  # a stroke n pixels wide is (n + 1) / 2 deep
         assert abs(measured - width) <= 0.75
+
+
+def test_a_classifier_reads_each_image_as_one_digit():
+    """Evaluation preprocesses a classifier's images as one digit each (measured whole, as its training digits
+    are) and a reader's as text: a digit in two halves a few pixels apart is one digit to the first and two
+    lines, each scaled up to a digit's height, to the second."""
+    broken = np.zeros((60, 40), dtype=np.float32)
+    broken[10:27, 12:28], broken[33:50, 12:28] = 1.0, 1.0
+    samples = [Sample(broken, [3], [], "single")]
+    reader = ModelConfig()
+    square = round(reader.digit_height) + 2 * MARGIN
+    assert canonical_images(samples, replace(reader, kind="classifier"))[0].shape[0] == square
+    assert canonical_images(samples, reader)[0].shape[0] > 2 * reader.digit_height
+    assert canonical_images(samples, reader, one_digit=True)[0].shape[0] == square

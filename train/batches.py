@@ -50,9 +50,10 @@ def sequence_tensors(digits: list[list[int]]) -> tuple[torch.Tensor, torch.Tenso
 
 def canonical_images(
     samples: list[Sample], model: ModelConfig, preprocess: Callable[..., Preprocessed] = preprocess_array,
-    no_ink: type[Exception] = NoInkError,
+    no_ink: type[Exception] = NoInkError, one_digit: bool | None = None,
 ) -> list[np.ndarray]:
-    """Raw samples preprocessed exactly as user images are, for the model `model` describes.
+    """Raw samples preprocessed exactly as user images are, for the model `model` describes: as images
+    of one digit (`preprocess_array`'s one_digit) if `one_digit`, by default if it is a classifier.
 
     A sample whose ink vanished (possible only under extreme contrast and noise)
     falls back to a blank digit-sized image, which the model must read as whatever
@@ -60,20 +61,26 @@ def canonical_images(
     `no_ink` for a blank image) is `model.preprocess.preprocess_array` unless another
     version of it is compared (benchmarks.preprocessing).
     """
-    return canonical_views(samples, model, (1.0,), preprocess, no_ink)[0]
+    return canonical_views(samples, model, (1.0,), preprocess, no_ink, one_digit)[0]
 
 
 def canonical_views(
     samples: list[Sample], model: ModelConfig, scales: tuple[float, ...],
     preprocess: Callable[..., Preprocessed] = preprocess_array, no_ink: type[Exception] = NoInkError,
+    one_digit: bool | None = None,
 ) -> list[list[np.ndarray]]:
     """`canonical_images` at each of `scales` (`Preprocessed.at_scale`), each sample preprocessed once:
     views[k][i] is sample i with its digits scales[k] times the model's digit height."""
     views: list[list[np.ndarray]] = [[] for _ in scales]
     blank_side = int(model.digit_height) + 2 * MARGIN
+    # A classifier's input is one digit by definition: it is measured whole, as its training digits are
+    # (data.synth.canonical_digits). Other versions of `preprocess` (benchmarks.preprocessing) take no such option.
+    if one_digit is None:
+        one_digit = model.kind == "classifier"
+    options = {"one_digit": True} if one_digit else {}
     for sample in samples:
         try:
-            prepared = preprocess(sample.image, model.digit_height, model.max_size)
+            prepared = preprocess(sample.image, model.digit_height, model.max_size, **options)
             # `.image` for scale 1: other versions of `preprocess` (benchmarks.preprocessing --against) have no at_scale.
             images = [prepared.image if scale == 1.0 else prepared.at_scale(scale, model.max_size) for scale in scales]
         except no_ink:
