@@ -557,17 +557,17 @@ def preprocess_ink(
         deskew[:, 2] += [(size[0] - w) / 2, (size[1] - h) / 2]
         x, mask = _ink(cv2.warpAffine(x, deskew, size, flags=cv2.INTER_LINEAR, borderValue=0))
         known_height = 0.0
-    if one_digit:
-        known_height = _ink_height(mask)
-    image, box, scale, measured, fitted, crop = _crop_to_ink(x, mask, known_height, digit_height, max_size)
+    image, box, scale, measured, fitted, crop = _crop_to_ink(x, mask, known_height, digit_height, max_size, one_digit)
     return Preprocessed(image, inverted, box, scale, measured, fitted, working_shape, deskew, removed, crop)
 
 
 def _crop_to_ink(
     x: np.ndarray, mask: np.ndarray, known_height: float, digit_height: float, max_size: tuple[int, int],
+    one_digit: bool = False,
 ) -> tuple[np.ndarray, tuple[int, int, int, int], float, float, bool, np.ndarray]:
-    """Step 7: the ink cropped, its digits rescaled to digit_height (measured unless known_height > 0),
-    shrunk further if it would not fit max_size, and framed with MARGIN pixels.
+    """Step 7: the ink cropped, its digits rescaled to digit_height (the crop's height for `one_digit`,
+    else known_height if > 0, else measured), shrunk further if it would not fit max_size, and framed
+    with MARGIN pixels.
     Returns (image, crop box (top, left, bottom, right), scale, measured height, shrunk to fit, the crop
     before rescaling)."""
     ink = _bytes(mask)
@@ -578,15 +578,9 @@ def _crop_to_ink(
     crop_mask = mask[top:bottom, left:right]
     near_ink = cv2.dilate(ink[top:bottom, left:right], _ones(5, 5)).astype(np.float32)
     crop = np.ascontiguousarray(x[top:bottom, left:right] * near_ink)  # drop floor noise far from ink
-    measured = known_height or estimate_digit_height(crop_mask)
+    measured = float(height) if one_digit else known_height or estimate_digit_height(crop_mask)
     image, scale, fitted = rescale_crop(crop, digit_height / measured, max_size)
     return image, (top, left, bottom, right), scale, measured, fitted, crop
-
-
-def _ink_height(mask: np.ndarray) -> float:
-    """Rows from the mask's first ink to its last (0 without ink)."""
-    rows = np.flatnonzero(np.asarray(mask.any(axis=1)))
-    return float(rows[-1] + 1 - rows[0]) if len(rows) else 0.0
 
 
 def rescale_crop(crop: np.ndarray, scale: float, max_size: tuple[int, int]) -> tuple[np.ndarray, float, bool]:
@@ -628,7 +622,7 @@ def preprocess_digits(digits: np.ndarray, digit_height: float, max_size: tuple[i
     except NoInkError:
         return [alone(d) for d in digits]
     ink, masks = np.ascontiguousarray(ink.transpose(2, 0, 1)), np.ascontiguousarray(masks.transpose(2, 0, 1))
-    return [_crop_to_ink(x, mask, _ink_height(mask), digit_height, max_size)[0] for x, mask in zip(ink, masks)]
+    return [_crop_to_ink(x, mask, 0.0, digit_height, max_size, one_digit=True)[0] for x, mask in zip(ink, masks)]
 
 
 def _ink(x: np.ndarray, local: bool = False) -> tuple[np.ndarray, np.ndarray]:
