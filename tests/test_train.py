@@ -77,8 +77,10 @@ def test_a_loader_closed_early_lets_its_worker_finish_the_batch_it_is_making(tmp
     assert sorted(int(path.name) for path in tmp_path.iterdir()) == [0, 1, 2]
 
 
-def test_short_run_writes_checkpoints_and_resumes_exactly(tmp_path, pools, monkeypatch):
-    cfg = replace(PRESETS["tiny"], steps=6, warmup_steps=2, eval_every=3, save_every=3, batch_size=4, val_per_layout=2)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.5])
+def test_short_run_writes_checkpoints_and_resumes_exactly(tmp_path, pools, monkeypatch, ema_decay):
+    cfg = replace(PRESETS["tiny"], steps=6, warmup_steps=2, eval_every=3, save_every=3, batch_size=4, val_per_layout=2,
+                  ema_decay=ema_decay)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     train(cfg, straight)
     assert (straight / "best.safetensors").exists() and (straight / "metrics.jsonl").exists()
@@ -91,11 +93,41 @@ def test_short_run_writes_checkpoints_and_resumes_exactly(tmp_path, pools, monke
     # ... and is resumed: it must continue at step 3 and end where the uninterrupted run ended.
     monkeypatch.setattr(TrainingStream, "__iter__", full_stream)
     train(cfg, interrupted, resume=True)
-    a, meta_a = load_checkpoint(straight / "last.safetensors")
-    b, meta_b = load_checkpoint(interrupted / "last.safetensors")
-    assert meta_a["training"]["step"] == meta_b["training"]["step"] == 6
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.allclose(x, y, atol=1e-6), name
+    # With a moving average, both the average (last) and the optimizer's weights (last-raw) must match.
+    for name in ["last"] + (["last-raw"] if ema_decay else []):
+        a, meta_a = load_checkpoint(straight / f"{name}.safetensors")
+        b, meta_b = load_checkpoint(interrupted / f"{name}.safetensors")
+        assert meta_a["training"]["step"] == meta_b["training"]["step"] == 6
+        for (key, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.allclose(x, y, atol=1e-6), (name, key)
+    assert (straight / "last-raw.safetensors").exists() == bool(ema_decay)
+
+
+def test_a_run_with_a_moving_average_writes_the_average_of_its_steps_weights(tmp_path, pools, monkeypatch):
+    """Every step's weights are recorded as they leave the optimizer; OUT/last must be their exponential
+    moving average (the first step's weights, then each later step's blended in at 1 - decay)."""
+    decay = 0.5
+    cfg = replace(PRESETS["tiny"], steps=4, warmup_steps=1, eval_every=10, save_every=10, batch_size=4, val_per_layout=2,
+                  ema_decay=decay)
+    seen: list[dict[str, torch.Tensor]] = []
+    step = loop.training_step
+
+    def recording_step(model, *args, **kwargs):
+        out = step(model, *args, **kwargs)
+        seen.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        return out
+
+    monkeypatch.setattr(loop, "training_step", recording_step)
+    train(cfg, tmp_path)
+    expected = seen[0]
+    for weights in seen[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
+    average = dict(load_checkpoint(tmp_path / "last.safetensors")[0].named_parameters())
+    raw = dict(load_checkpoint(tmp_path / "last-raw.safetensors")[0].named_parameters())
+    for key, value in expected.items():
+        assert torch.allclose(average[key], value, atol=1e-6), key
+        assert torch.equal(raw[key], seen[-1][key]), key
+    assert any(not torch.equal(average[k], raw[k]) for k in raw)
 
 
 def test_a_budgeted_run_pretrains_the_encoder_then_reads_within_its_budget(tmp_path):
@@ -269,11 +301,14 @@ def test_a_bf16_step_runs_its_linear_layers_in_bf16_and_attention_in_fp32(pools,
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
 
 
-def test_the_classifier_stage_trains_with_the_runs_own_seed_device_and_precision():
+def test_the_classifier_stage_trains_with_the_runs_own_seed_device_precision_and_average():
     run = replace(PRESETS["race"], seed=7, device="cpu", precision="fp32", loader_workers=1)
     stage = loop.pretraining_config(run)
     assert (stage.model.kind, stage.time_budget_s) == ("classifier", run.pretrain_s)
-    assert (stage.seed, stage.device, stage.precision, stage.loader_workers) == (7, "cpu", "fp32", 1)
+    assert (stage.seed, stage.device, stage.precision, stage.loader_workers, stage.ema_decay) == (7, "cpu", "fp32", 1, 0.0)
+    # The classifier preset alone averages unless told otherwise; a run's stage averages when the run does.
+    assert PRESETS["classifier"].ema_decay > 0
+    assert loop.pretraining_config(replace(run, ema_decay=0.99)).ema_decay == 0.99
 
 
 def test_a_run_saved_before_precision_was_a_setting_resumes_in_the_fp32_it_trained_in(tmp_path, monkeypatch):
