@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data.synth import STYLES, canonical_digits
-from model.checkpoint import load_checkpoint
+from model.checkpoint import CheckpointError, load_checkpoint
 from model.decoding import greedy_decode
 from model.network import DigitReader
 from tests.conftest import TINY
@@ -102,6 +102,17 @@ def test_short_run_writes_checkpoints_and_resumes_exactly(tmp_path, pools, monke
             assert torch.allclose(x, y, atol=1e-6), (name, key)
     assert (straight / "last-raw.safetensors").exists() == bool(ema_decay)
 
+
+
+def test_resuming_with_a_changed_setting_says_the_config_differs(tmp_path, pools):
+    """A run saved without a moving average, resumed with one, is refused for its config (not for the missing
+    OUT/last-raw it never wrote), and its checkpoint is left as it was."""
+    cfg = replace(PRESETS["tiny"], steps=2, warmup_steps=1, eval_every=10, save_every=10, batch_size=4, val_per_layout=2)
+    train(cfg, tmp_path)
+    before = (tmp_path / "last.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="training config differs"):
+        train(replace(cfg, ema_decay=0.9), tmp_path, resume=True)
+    assert (tmp_path / "last.safetensors").read_bytes() == before
 
 def test_a_run_with_a_moving_average_writes_the_average_of_its_steps_weights(tmp_path, pools, monkeypatch):
     """Every step's weights are recorded as they leave the optimizer; OUT/last must be their exponential

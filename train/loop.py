@@ -490,13 +490,14 @@ class _Stage:
         """Weights (and their moving average), optimizer, RNG and counters from OUT/last; refuses a changed config."""
         last = self.out / "last.safetensors"
         device = str(self.place.device)
-        if self.average is not None:
-            self.average.module.load_state_dict(load_checkpoint(last, device=device)[0].state_dict())
-        loaded, _ = load_checkpoint(self.out / "last-raw.safetensors" if self.average is not None else last, device=device)
-        self.model.load_state_dict(loaded.state_dict())
+        kept, _ = load_checkpoint(last, device=device)
         extra = load_training_state(last, self.optimizer)
         if with_legacy_defaults(extra["config"]) != self.cfg.to_dict():
             raise CheckpointError(f"cannot resume {self.out}: its training config differs from the one given now")
+        if self.average is not None:  # OUT/last is the average; the optimizer's weights are OUT/last-raw
+            self.average.module.load_state_dict(kept.state_dict())
+            kept, _ = load_checkpoint(self.out / "last-raw.safetensors", device=device)
+        self.model.load_state_dict(kept.state_dict())
         self.start_step, self.best = extra["step"], extra["best"]
         self.elapsed_before, self.samples = extra["elapsed_s"], extra["samples"]
         self.started_at_commit = extra.get("started_at_commit", self.started_at_commit)
