@@ -103,7 +103,6 @@ def test_short_run_writes_checkpoints_and_resumes_exactly(tmp_path, pools, monke
     assert (straight / "last-raw.safetensors").exists() == bool(ema_decay)
 
 
-
 def test_resuming_with_a_changed_setting_says_the_config_differs(tmp_path, pools):
     """A run saved without a moving average, resumed with one, is refused for its config (not for the missing
     OUT/last-raw it never wrote), and its checkpoint is left as it was."""
@@ -113,6 +112,7 @@ def test_resuming_with_a_changed_setting_says_the_config_differs(tmp_path, pools
     with pytest.raises(CheckpointError, match="training config differs"):
         train(replace(cfg, ema_decay=0.9), tmp_path, resume=True)
     assert (tmp_path / "last.safetensors").read_bytes() == before
+
 
 def test_a_run_with_a_moving_average_writes_the_average_of_its_steps_weights(tmp_path, pools, monkeypatch):
     """Every step's weights are recorded as they leave the optimizer; OUT/last must be their exponential

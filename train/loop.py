@@ -496,13 +496,12 @@ class _Stage:
             raise CheckpointError(f"cannot resume {self.out}: its training config differs from the one given now")
         if self.average is not None:  # OUT/last is the average; the optimizer's weights are OUT/last-raw
             self.average.module.load_state_dict(kept.state_dict())
+            self.average.n_averaged.fill_(extra["step"])  # an average under way: the next update blends, not copies
             kept, _ = load_checkpoint(self.out / "last-raw.safetensors", device=device)
         self.model.load_state_dict(kept.state_dict())
         self.start_step, self.best = extra["step"], extra["best"]
         self.elapsed_before, self.samples = extra["elapsed_s"], extra["samples"]
         self.started_at_commit = extra.get("started_at_commit", self.started_at_commit)
-        if self.average is not None:
-            self.average.n_averaged.fill_(self.start_step)  # an average under way: the next update blends, not copies
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.entered
