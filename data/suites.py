@@ -39,6 +39,7 @@ SUITES: dict[str, Suite] = {
     "scatter-hard": Suite("scatter", "hard", {"scatter_digits": 2, "canvas": 100}, "scatter, strong augmentation"),
     "drawn": Suite("strip", "drawn", {"min_digits": 3, "max_digits": 8},
                    "3-8 digits as a drawing canvas sends them: round brush 10-22 px at 5-9x, either polarity, drifting baseline"),
+    "single-drawn": Suite("single", "drawn", {}, "one digit as a drawing canvas sends it: how well `drawn`'s digits are read alone"),
     "photo": Suite("strip", "photo", {"min_digits": 3, "max_digits": 8}, "3-8 digits, dark ink on lit paper, blur, JPEG, 2-4x"),
     "lined": Suite("strip", "lined", {"min_digits": 3, "max_digits": 8}, "3-8 digits on ruled or squared paper, photographed"),
     "cell": Suite("strip", "cell", {"min_digits": 3, "max_digits": 8},

@@ -1008,15 +1008,29 @@ def _thin_pieces(lines: np.ndarray, horizontal: bool, thickest: float) -> np.nda
 
 def _stroke_of_a_glyph(mask: np.ndarray, lines: np.ndarray) -> bool:
     """Whether the strokes that span most of the image one way (`lines`: across it or down it, not both)
-    are part of the writing: one piece, with a tenth or more of the other ink within 2 px of it. A digit
-    that fills its image (the stem of a 4, the bar of a 7) spans 80% of it, and the rest of the digit is
-    joined to that stroke. A rule, a cell's side or a scan margin runs past the digits: they may touch it,
-    but little of their ink lies along it. (The tenth was chosen on validation images of `single-hard`,
-    `cell`, `lined` and `phone`; docs/TRAINING.md, "v16, v17 and v18", has the measurement.)"""
-    if cv2.connectedComponents(lines.astype(np.uint8), connectivity=8)[0] != 2:
+    are part of the writing: one piece, with a tenth or more of the other ink near it. A digit that fills
+    its image (the stem of a 4, the bar of a 7) spans 80% of it, and the rest of the digit is joined to
+    that stroke. A rule, a cell's side or a scan margin runs past the digits: they may touch it, but little
+    of their ink lies along it. (The tenth was chosen on validation images of `single-hard`, `cell`,
+    `lined` and `phone`; docs/TRAINING.md, "v16, v17 and v18", has the measurement.)
+
+    Near is within a band as wide as the pen: the stroke's thickness or the other ink's, whichever is
+    thinner, and at least 5 px. A canvas's brush draws strokes a tenth of a digit thick, and where the
+    loop of such a 9 joins its stem, 2 px hold a sliver of the loop's ink: with a fixed 5 px band such
+    stems went as rules. A scan margin is far bolder than the writing beside it, and its band stays as
+    narrow as the writing's strokes (docs/TRAINING.md, "A bold stroke is not a rule")."""
+    count, _, stats, _ = _pieces(lines)
+    if count != 2:
         return False
     rest = mask & ~lines
-    near = cv2.dilate(lines.astype(np.uint8), _ones(5, 5)) > 0
+    if not rest.any():
+        return False
+    _, _, width, height, area = stats[1]
+    # A stroke w px wide has distances to its edge spread over 0..w/2: four times their median is about w.
+    depth = cv2.distanceTransform(_bytes(rest), cv2.DIST_L2, 3)[rest]
+    pen = min(area / max(width, height), 4 * float(np.median(depth)))
+    side = max(5, round(pen) | 1)
+    near = cv2.dilate(_bytes(lines), _ones(side, side)) > 0
     touching = np.count_nonzero(rest & near)
     return bool(touching > 0 and 10 * touching >= np.count_nonzero(rest))
 

@@ -343,6 +343,30 @@ def test_a_lone_digit_that_fills_its_image_keeps_its_long_stroke():
     assert out.digit_height > 25  # measured on the stem, not on the left stroke alone
 
 
+@pytest.mark.parametrize("brush", [10, 16, 22, 30])
+def test_a_bold_nine_that_fills_the_canvas_keeps_its_stem(brush):
+    """A 9 drawn on the app's 900x260 canvas with a brush of the slider's range, its stem 90% of the canvas's
+    height: the loop joins the stem across a band as wide as the brush. With brushes of 22 and 30 px the stem
+    went as a rule, and the loop alone was read."""
+    canvas = np.zeros((260, 900), np.float32)
+    cv2.circle(canvas, (420, 80), 52, 1.0, brush, lineType=cv2.LINE_AA)
+    cv2.line(canvas, (472, 80), (462, 245), 1.0, brush, lineType=cv2.LINE_AA)
+    out = preprocess_array(canvas, 16.0)
+    assert out.removed == ()
+    assert out.digit_height > 220
+
+
+def test_a_scan_margin_far_bolder_than_the_writing_still_goes(pools):
+    """A `cell` validation image (8, 4, 4, 4, 7, 7) under a scan margin 30 px thick that spans the image, the
+    field's top border a little below it: the band that joins a stroke to its glyph is as wide as the
+    writing's pen, not the margin's, so the border's ink near the margin does not make the margin writing."""
+    sample = suite_samples("cell", pools["val"], 512)[275]  # whole chunks of 256: the same images as any larger n
+    assert sample.digits == [8, 4, 4, 4, 7, 7]
+    out = preprocess_array(np.clip(sample.image, 0, 1), 16.0)
+    assert "lines" in out.removed
+    assert out.image.shape[0] < 30  # the digits' row alone: 53 px tall with the margin's bar kept above it
+
+
 @pytest.fixture(scope="module")
 def hard_grids(pools):
     """`grid2x2-hard` images built from validation digits."""
