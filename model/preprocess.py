@@ -1006,6 +1006,13 @@ def _thin_pieces(lines: np.ndarray, horizontal: bool, thickest: float) -> np.nda
     return thin[labels]
 
 
+# A stroke at most this many times as thick as the other ink's strokes is drawn with the same pen. On
+# validation images, brush strokes that span a drawing (`single-drawn`) measured 0.65-1.48 times the rest of
+# their digit, and the scan margins of `cell` that a wider band would have kept, 3.3-5.3 times the writing;
+# a test image's margin that a field's border is blurred into, 1.8 (docs/TRAINING.md).
+SAME_PEN = 1.6
+
+
 def _stroke_of_a_glyph(mask: np.ndarray, lines: np.ndarray) -> bool:
     """Whether the strokes that span most of the image one way (`lines`: across it or down it, not both)
     are part of the writing: one piece, with a tenth or more of the other ink near it. A digit that fills
@@ -1014,11 +1021,12 @@ def _stroke_of_a_glyph(mask: np.ndarray, lines: np.ndarray) -> bool:
     of their ink lies along it. (The tenth was chosen on validation images of `single-hard`, `cell`,
     `lined` and `phone`; docs/TRAINING.md, "v16, v17 and v18", has the measurement.)
 
-    Near is within a band as wide as the pen: the stroke's thickness or the other ink's, whichever is
-    thinner, and at least 5 px. A canvas's brush draws strokes a tenth of a digit thick, and where the
-    loop of such a 9 joins its stem, 2 px hold a sliver of the loop's ink: with a fixed 5 px band such
-    stems went as rules. A scan margin is far bolder than the writing beside it, and its band stays as
-    narrow as the writing's strokes (docs/TRAINING.md, "A bold stroke is not a rule")."""
+    Near is within 2 px, or, for a stroke drawn with the other ink's pen (at most SAME_PEN times as thick),
+    within a band as wide as that pen where the ink is one piece with the stroke. A canvas's brush draws
+    strokes a tenth of a digit thick, and where the loop of such a 9 joins its stem, 2 px hold a sliver
+    of the loop's ink: such stems went as rules. A scan margin is bolder than the writing, and a field's
+    border beside it, blurred into one piece with it, stays 2 px from it (docs/TRAINING.md, "A bold
+    stroke is not a rule")."""
     count, _, stats, _ = _pieces(lines)
     if count != 2:
         return False
@@ -1026,11 +1034,15 @@ def _stroke_of_a_glyph(mask: np.ndarray, lines: np.ndarray) -> bool:
     if not rest.any():
         return False
     _, _, width, height, area = stats[1]
+    stroke = area / max(width, height)  # its pixels over its length
     # A stroke w px wide has distances to its edge spread over 0..w/2: four times their median is about w.
-    depth = cv2.distanceTransform(_bytes(rest), cv2.DIST_L2, 3)[rest]
-    pen = min(area / max(width, height), 4 * float(np.median(depth)))
-    side = max(5, round(pen) | 1)
-    near = cv2.dilate(_bytes(lines), _ones(side, side)) > 0
+    pen = 4 * float(np.median(cv2.distanceTransform(_bytes(rest), cv2.DIST_L2, 3)[rest]))
+    near = cv2.dilate(_bytes(lines), _ones(5, 5)) > 0
+    side = round(min(stroke, pen)) | 1
+    if side > 5 and stroke <= SAME_PEN * pen:
+        _, pieces = cv2.connectedComponents(_bytes(mask), connectivity=8)
+        joined = np.isin(pieces, pieces[lines])
+        near |= (cv2.dilate(_bytes(lines), _ones(side, side)) > 0) & joined
     touching = np.count_nonzero(rest & near)
     return bool(touching > 0 and 10 * touching >= np.count_nonzero(rest))
 

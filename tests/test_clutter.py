@@ -367,6 +367,17 @@ def test_a_scan_margin_far_bolder_than_the_writing_still_goes(pools):
     assert out.image.shape[0] < 30  # the digits' row alone: 53 px tall with the margin's bar kept above it
 
 
+def test_a_scan_margin_that_a_field_border_blurs_into_still_goes(pools):
+    """A `cell` test image (1, 3, 8) whose bold field border is blurred into one piece with a scan margin
+    1.8 times as thick as the writing: were the band as wide as the writing's pen, the border's ink along
+    the margin would make the margin writing, read as two more digits."""
+    sample = suite_samples("cell", pools["test"], 1280)[1191]  # whole chunks of 256: `make eval`'s image
+    assert sample.digits == [1, 3, 8]
+    out = preprocess_array(np.clip(sample.image, 0, 1), 16.0)
+    assert "lines" in out.removed
+    assert out.image.shape[0] < 30  # 54 px tall with the margin kept under the digits
+
+
 @pytest.fixture(scope="module")
 def hard_grids(pools):
     """`grid2x2-hard` images built from validation digits."""
