@@ -1024,9 +1024,9 @@ def _stroke_of_a_glyph(mask: np.ndarray, lines: np.ndarray) -> bool:
     Near is within 2 px, or, for a stroke drawn with the other ink's pen (at most SAME_PEN times as thick),
     within a band as wide as that pen where the ink is one piece with the stroke. A canvas's brush draws
     strokes a tenth of a digit thick, and where the loop of such a 9 joins its stem, 2 px hold a sliver
-    of the loop's ink: such stems went as rules. A scan margin is bolder than the writing, and a field's
-    border beside it, blurred into one piece with it, stays 2 px from it (docs/TRAINING.md, "A bold
-    stroke is not a rule")."""
+    of the loop's ink: such stems went as rules. A scan margin is bolder than the writing, so its band
+    stays 2 px wide however close a field's border runs, blurred into one piece with it (docs/TRAINING.md,
+    "A bold stroke is not a rule")."""
     count, _, stats, _ = _pieces(lines)
     if count != 2:
         return False

@@ -358,8 +358,8 @@ def test_a_bold_nine_that_fills_the_canvas_keeps_its_stem(brush):
 
 def test_a_scan_margin_far_bolder_than_the_writing_still_goes(pools):
     """A `cell` validation image (8, 4, 4, 4, 7, 7) under a scan margin 30 px thick that spans the image, the
-    field's top border a little below it: the band that joins a stroke to its glyph is as wide as the
-    writing's pen, not the margin's, so the border's ink near the margin does not make the margin writing."""
+    field's top border a little below it: the margin, 3.3 times as thick as the writing, is not drawn with
+    its pen and keeps the 2 px band. With a band as wide as the margin, the border's ink made it writing."""
     sample = suite_samples("cell", pools["val"], 512)[275]  # whole chunks of 256: the same images as any larger n
     assert sample.digits == [8, 4, 4, 4, 7, 7]
     out = preprocess_array(np.clip(sample.image, 0, 1), 16.0)
