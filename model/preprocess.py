@@ -389,10 +389,55 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
 
 
 def text_lines(mask: np.ndarray) -> list[tuple[int, int]]:
-    """Row ranges of the text lines: maximal bands of rows that contain ink, except that around a lone
-    glyph (`_join_detached_strokes`) the bands of its detached strokes join it."""
+    """Row ranges of the text lines: maximal bands of rows that contain ink, except that the halves of a
+    glyph cut across a row join (`_join_broken_glyph`), and around a lone glyph the bands of its detached
+    strokes join it (`_join_detached_strokes`)."""
     bands = _runs(np.asarray(mask.any(axis=1)))
+    if len(bands) > 1:
+        bands = _join_broken_glyph(mask, bands)
     return _join_detached_strokes(mask, bands) if len(bands) > 1 else bands
+
+
+def _join_broken_glyph(mask: np.ndarray, bands: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Join neighbouring bands that are halves of one glyph cut across a row: the loop and the stem of a 6
+    that do not touch, a 5 whose bar stands clear of its bowl. Left apart, each half counts as a digit of
+    half the height, and the glyph is scaled up twice. Only in a column of lone glyphs (every band one
+    run of columns). Halves are each at least half the taller one's height (a smaller stroke is
+    `_join_detached_strokes`' case) and at most 1.2 times as tall as wide (a whole digit is taller), at
+    most 0.12 of the taller one's height apart (lines of digits were 0.15 and more on validation images), the
+    narrower one's ink columns at least half over the wider one's, and together at most 1.5 times as
+    tall as wide: two digits written one above the other make a pile twice as tall as wide or more.
+    """
+    columns = [np.asarray(mask[top:bottom].any(axis=0)) for top, bottom in bands]
+    if any(len(_runs(ink)) > 1 for ink in columns):
+        return bands
+    joined = [bands[0]]
+    joined_columns = columns[0]
+    for (top, bottom), ink in zip(bands[1:], columns[1:]):
+        above_top, above_bottom = joined[-1]
+        taller = max(above_bottom - above_top, bottom - top)
+        narrower = ink if np.count_nonzero(ink) <= np.count_nonzero(joined_columns) else joined_columns
+        both = joined_columns | ink
+        used = np.flatnonzero(both)
+        if (
+            min(above_bottom - above_top, bottom - top) >= 0.5 * taller
+            and _flat(above_top, above_bottom, joined_columns) and _flat(top, bottom, ink)
+            and top - above_bottom <= 0.12 * taller
+            and np.count_nonzero(joined_columns & ink) >= 0.5 * np.count_nonzero(narrower)
+            and bottom - above_top <= 1.5 * (used[-1] + 1 - used[0])
+        ):
+            joined[-1] = (above_top, bottom)
+            joined_columns = both
+        else:
+            joined.append((top, bottom))
+            joined_columns = ink
+    return joined
+
+
+def _flat(top: int, bottom: int, ink_columns: np.ndarray) -> bool:
+    """Whether a band of rows is at most 1.2 times as tall as its ink is wide: half a digit, not a whole one."""
+    used = np.flatnonzero(ink_columns)
+    return bottom - top <= 1.2 * (used[-1] + 1 - used[0])
 
 
 def _join_detached_strokes(mask: np.ndarray, bands: list[tuple[int, int]]) -> list[tuple[int, int]]:

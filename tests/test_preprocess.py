@@ -25,6 +25,7 @@ from model.preprocess import (
     preprocess_digits,
     preprocess_image,
     preprocess_ink,
+    text_lines,
     to_grayscale,
 )
 
@@ -316,6 +317,26 @@ def test_detached_strokes_join_only_a_lone_glyph():
     beside = np.zeros((20, 40), dtype=bool)  # with a digit beside it, the median over the line's digits decides
     beside[:, :16], beside[5:, 22:30] = five, True
     assert estimate_digit_height(beside) == 15
+
+
+def _six_cut_across_a_row() -> np.ndarray:
+    """A 20 px tall "6" whose stem stops a row short of its loop, as some MNIST sixes do: two bands of ink rows."""
+    six = np.zeros((20, 18), dtype=bool)
+    for row in range(10):  # the stem, leaning right as it rises
+        six[row, 12 - row : 15 - row] = True
+    six[11:20, 0:18] = True  # the loop: a flat ring
+    six[13:18, 3:15] = False
+    return six
+
+
+def test_a_digit_cut_across_a_row_is_measured_whole():
+    """Its halves are of a height, so neither is a detached stroke of the other; they are one glyph, not two
+    lines of half-height digits. Two sixes written one above the other, two rows apart, stay two lines."""
+    assert estimate_digit_height(_six_cut_across_a_row()) == 20
+    pile = np.zeros((42, 18), dtype=bool)
+    pile[:20], pile[22:] = _six_cut_across_a_row(), _six_cut_across_a_row()
+    assert estimate_digit_height(pile) == 20
+    assert len(text_lines(pile)) == 2
 
 
 def test_a_stack_of_lone_digits_preprocesses_as_each_digit_alone(pools):
