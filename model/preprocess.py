@@ -404,9 +404,10 @@ def _join_broken_glyph(mask: np.ndarray, bands: list[tuple[int, int]]) -> list[t
     half the height, and the glyph is scaled up twice. Only in a column of lone glyphs (every band one
     run of columns). Halves are each at least half the taller one's height (a smaller stroke is
     `_join_detached_strokes`' case) and at most 1.2 times as tall as wide (a whole digit is taller), at
-    most 0.12 of the taller one's height apart (lines of digits were 0.15 and more on validation images), the
-    narrower one's ink columns at least half over the wider one's, and together at most 1.5 times as
-    tall as wide: two digits written one above the other make a pile twice as tall as wide or more.
+    most 0.12 of the taller one's height apart (on validation images, digits one above the other that
+    passed the other tests were 0.15 apart or more), the narrower one's ink columns at least half over
+    the wider one's, and together at most 1.5 times as tall as wide: two digits written one above the
+    other make a pile twice as tall as wide or more.
     """
     columns = [np.asarray(mask[top:bottom].any(axis=0)) for top, bottom in bands]
     if any(len(_runs(ink)) > 1 for ink in columns):
