@@ -419,13 +419,12 @@ def _join_broken_glyph(mask: np.ndarray, bands: list[tuple[int, int]]) -> list[t
         taller = max(above_bottom - above_top, bottom - top)
         narrower = ink if np.count_nonzero(ink) <= np.count_nonzero(joined_columns) else joined_columns
         both = joined_columns | ink
-        used = np.flatnonzero(both)
         if (
             min(above_bottom - above_top, bottom - top) >= 0.5 * taller
             and _flat(above_top, above_bottom, joined_columns) and _flat(top, bottom, ink)
             and top - above_bottom <= 0.12 * taller
             and np.count_nonzero(joined_columns & ink) >= 0.5 * np.count_nonzero(narrower)
-            and bottom - above_top <= 1.5 * (used[-1] + 1 - used[0])
+            and bottom - above_top <= 1.5 * _ink_width(both)
         ):
             joined[-1] = (above_top, bottom)
             joined_columns = both
@@ -437,8 +436,13 @@ def _join_broken_glyph(mask: np.ndarray, bands: list[tuple[int, int]]) -> list[t
 
 def _flat(top: int, bottom: int, ink_columns: np.ndarray) -> bool:
     """Whether a band of rows is at most 1.2 times as tall as its ink is wide: half a digit, not a whole one."""
+    return bottom - top <= 1.2 * _ink_width(ink_columns)
+
+
+def _ink_width(ink_columns: np.ndarray) -> int:
+    """Columns from the first with ink to the last, of a band's per-column ink flags."""
     used = np.flatnonzero(ink_columns)
-    return bottom - top <= 1.2 * (used[-1] + 1 - used[0])
+    return int(used[-1] + 1 - used[0])
 
 
 def _join_detached_strokes(mask: np.ndarray, bands: list[tuple[int, int]]) -> list[tuple[int, int]]:
