@@ -6,13 +6,15 @@ Prints one row per layout and one for the preset's whole mixture:
     effects, the round-trip share through full preprocessing, collation);
   - training-step images/s at 1 and at 2 threads on those batches (forward,
     backward, clipping, AdamW), at the config's precision (bf16 autocast where
-    this CPU has native bf16; `--set precision=fp32` for fp32);
+    this CPU multiplies bf16 faster, `train.loop.bf16_is_faster_on`;
+    `--set precision=bf16` or `fp32` to choose);
   - tokens per image (the encoder's sequence length; in brackets with the
     padding of its micro-batch, which the step computes too) and
     GFLOP per image of a training step (counted by torch.utils.flop_counter);
   - efficiency: achieved FLOP/s over a float32 matrix multiply's FLOP/s at the
     same thread count, measured in the same run (a bfloat16 one's is printed
-    beside it: four to five times as fast where the CPU has native bf16).
+    beside it: four to five times as fast where the CPU has AMX, half as fast
+    on AVX512-BF16 alone).
 Settings are the training config's (`--set` as for `python -m train`), so a
 candidate model is measured exactly as it would train.
 """

@@ -273,10 +273,14 @@ def test_classifier_batches_keep_digits_too_wide_for_the_square_at_their_own_siz
     assert not torch.equal(maker(1)[0].images[:16], square.images[:16])
 
 
-def test_precision_auto_trains_in_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+def test_precision_auto_trains_in_bf16_only_where_the_cpu_multiplies_it_faster(monkeypatch):
     cpu = torch.device("cpu")
-    for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda native=native: native)
+    assert loop.bf16_is_faster_on({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})
+    assert loop.bf16_is_faster_on({"asimd", "bf16"})
+    assert not loop.bf16_is_faster_on({"avx512f", "avx512_bf16", "avx512_fp16"})
+    assert not loop.bf16_is_faster_on(set())
+    for flags, expected in (({"amx_bf16"}, "bf16"), ({"avx512_bf16"}, "fp32")):
+        monkeypatch.setattr(loop, "cpu_flags", lambda flags=flags: flags)
         assert loop.resolved_precision(cpu) == expected
         with loop.mixed_precision(cpu):
             assert torch.is_autocast_enabled("cpu") == (expected == "bf16")

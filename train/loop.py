@@ -71,9 +71,9 @@ class TrainConfig:
     loader_workers: int = 0  # processes that make batches ahead of the step; 0 = in the loop
     compile: bool = False
     device: str = "auto"
-    # "auto": bf16 autocast on CUDA, and on a CPU with native bf16 arithmetic (AVX512-BF16, AMX or Arm's BF16), where the
-    # race's one-thread reader steps run a quarter faster than in fp32 (docs/TRAINING.md, "bf16 on the CPU"); "fp32" or
-    # "bf16" to choose.
+    # "auto": bf16 autocast on CUDA, and on a CPU with bf16 matrix units (AMX or Arm's BF16), where the race's
+    # one-thread reader steps run a quarter faster than in fp32 (docs/TRAINING.md, "bf16 on the CPU"); fp32 elsewhere,
+    # AVX512-BF16 without AMX included, where bf16 is slower ("bf16 without AMX"). "fp32" or "bf16" to choose.
     # Weights, gradients and the optimizer stay fp32 either way.
     precision: str = "auto"
     tensorboard: bool = False
@@ -186,26 +186,31 @@ def learning_rate(cfg: TrainConfig, step: int, elapsed_s: float = 0.0, budget_s:
     return decayed * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX, Arm BF16). Elsewhere oneDNN emulates
-    bf16 and autocast would slow a step down; Linux reports the flags, other systems count as without."""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (x86 `flags`, Arm `Features`); empty elsewhere."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            flags = {flag for line in cpuinfo if line.startswith(("flags", "Features")) for flag in line.split()}
+            return {flag for line in cpuinfo if line.startswith(("flags", "Features")) for flag in line.split()}
     except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+        return set()
+
+
+def bf16_is_faster_on(flags: set[str]) -> bool:
+    """Whether a CPU with these flags multiplies bf16 faster than fp32: x86 with AMX tiles (`amx_bf16`), or Arm's
+    BF16 (`bf16`). AVX512-BF16 alone is not enough: on such a Xeon, without AMX, a bf16 matmul ran at half the
+    fp32 rate and the fine-tune's step at 54% of its fp32 speed (docs/TRAINING.md, "bf16 without AMX")."""
+    return bool(flags & {"amx_bf16", "bf16"})
 
 
 def resolved_precision(device: torch.device, precision: str = "auto") -> str:
     """"bf16" or "fp32": what `TrainConfig.precision` means on this device ("auto": bf16 on CUDA and on a CPU
-    with native bf16; fp32 elsewhere, MPS included)."""
+    where it is faster, `bf16_is_faster_on`; fp32 elsewhere, MPS included)."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', not {precision!r} (--set precision=...)")
     if device.type not in ("cpu", "cuda"):
         return "fp32"
     if precision == "auto":
-        return "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
+        return "bf16" if device.type == "cuda" or bf16_is_faster_on(cpu_flags()) else "fp32"
     return precision
 
 
