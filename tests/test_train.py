@@ -54,12 +54,14 @@ def test_loader_workers_deliver_every_step_once_in_order(pools):
 
 
 class SlowSteps:
-    """A stand-in BatchMaker whose steps from 2 on take `seconds`; each finished step leaves a file named after it."""
+    """A stand-in BatchMaker whose steps from 2 on take `seconds`. Each step leaves a file `started-N` when it
+    begins and `N` when it ends."""
 
     def __init__(self, folder, seconds: float):
         self.folder, self.seconds = folder, seconds
 
     def __call__(self, step: int) -> list[Batch]:
+        (self.folder / f"started-{step}").touch()
         if step >= 2:
             time.sleep(self.seconds)
         (self.folder / str(step)).touch()
@@ -73,8 +75,14 @@ def test_a_loader_closed_early_lets_its_worker_finish_the_batch_it_is_making(tmp
     for step, _ in enumerate(loader):
         if step == 1:
             break
+    # Close only once the worker is inside step 2: closing earlier may stop it before it begins that step, which
+    # is right too, but is not the case under test.
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started-2").exists():
+        assert time.monotonic() < deadline, "the worker never began step 2"
+        time.sleep(0.05)
     loader.close()
-    assert sorted(int(path.name) for path in tmp_path.iterdir()) == [0, 1, 2]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["0", "1", "2", "started-0", "started-1", "started-2"]
 
 
 @pytest.mark.parametrize("ema_decay", [0.0, 0.5])
