@@ -1,7 +1,11 @@
 import json
 
 import numpy as np
+import pytest
+from PIL import Image
 
+from benchmarks.blind_reading import CELL, COLUMNS, LABEL
+from benchmarks.blind_reading import main as blind_reading
 from data.suites import suite_samples
 from model.checkpoint import save_checkpoint
 from model.decoding import Calibration
@@ -151,3 +155,31 @@ def test_evaluation_on_validation_digits_builds_the_suites_from_them(tmp_path, t
     assert truths, "an untrained reader misreads some of 20 digits"
     assert all(truth == [int(pools["val"].labels[i])] for i, truth in truths.items())
     assert any(truth != [int(pools["test"].labels[i])] for i, truth in truths.items())  # not the test digits
+
+
+def test_blind_reading_sheets_and_score(tiny_checkpoint, tmp_path, capsys):
+    """The sheets hold every image the reader misreads and at least as many it reads right, numbered in the
+    key's order; the score counts a person's readings against the truth, by whether the reader was right."""
+    sheets = tmp_path / "sheets"
+    blind_reading(["--sheets", str(sheets), "--checkpoint", str(tiny_checkpoint), "--n", "12", "--right", "3", "--per-sheet", "10"])
+    key = json.loads((sheets / "key.json").read_text())
+    images = key["images"]
+    misread = [image for image in images if image["reader"] != image["truth"]]
+    assert len(misread) == key["misread"] and len(images) - len(misread) <= max(3, len(misread))
+    assert len({image["index"] for image in images}) == len(images)
+    sizes = [Image.open(sheets / f"sheet-{k}.png").size for k in range(-(-len(images) // 10))]
+    assert sizes[0] == (COLUMNS * CELL, -(-min(10, len(images)) // COLUMNS) * (CELL + LABEL))
+
+    answers = ["".join(map(str, image["truth"])) for image in images]
+    answers[0] = str((images[0]["truth"][0] + 1) % 10)  # the person misreads the first image
+    (tmp_path / "answers.txt").write_text(" ".join(answers))
+    capsys.readouterr()
+    blind_reading(["--score", str(sheets), str(tmp_path / "answers.txt")])
+    printed = capsys.readouterr().out
+    first_misread = images[0]["reader"] != images[0]["truth"]
+    assert f"both misread {int(first_misread)} of 12" in printed
+    assert f"the person read {len(misread) - first_misread} right and {int(first_misread)} wrong" in printed
+
+    (tmp_path / "short.txt").write_text(" ".join(answers[:-1]))
+    with pytest.raises(SystemExit, match=f"must hold {len(images)} digit strings"):
+        blind_reading(["--score", str(sheets), str(tmp_path / "short.txt")])
