@@ -12,7 +12,8 @@ neither the truth nor the reading, so whoever reads them reads blind.
 `--score DIR ANSWERS` takes ANSWERS, a text file of that person's readings in sheet order (one digit
 string per image, separated by whitespace), and prints how many of the reader's misreadings and of its
 right readings the person read right, and the share of the suite that both misread: what no reader of
-these images is likely to get right.
+these images is likely to get right, and what that rate a digit allows on the other suites drawn in the same
+style: (1 - rate)^L for an image of L digits, averaged over each suite's images.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from data.mnist import load_pools
 from data.suites import SUITES, suite_samples
@@ -38,7 +39,8 @@ LABEL = 14  # px above each image for its number
 
 
 def write_sheets(out: Path, images: list[np.ndarray], per_sheet: int) -> list[Path]:
-    """Contact sheets of `images` (ink-agnostic arrays in [0, 1]), numbered from 0 in order."""
+    """Contact sheets of `images` (arrays in [0, 1], either polarity), numbered from 0 in order, each image
+    scaled to fill its cell."""
     paths = []
     for first in range(0, len(images), per_sheet):
         chunk = images[first : first + per_sheet]
@@ -46,8 +48,8 @@ def write_sheets(out: Path, images: list[np.ndarray], per_sheet: int) -> list[Pa
         sheet = Image.new("L", (COLUMNS * CELL, rows * (CELL + LABEL)), 255)
         draw = ImageDraw.Draw(sheet)
         for k, image in enumerate(chunk):
-            thumb = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8))
-            thumb.thumbnail((CELL - 4, CELL - 4))
+            # Small images are enlarged to the cell, as a person would zoom in on them.
+            thumb = ImageOps.contain(Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)), (CELL - 4, CELL - 4))
             left, top = (k % COLUMNS) * CELL, (k // COLUMNS) * (CELL + LABEL)
             sheet.paste(thumb, (left, top + LABEL))
             draw.text((left + 2, top), str(first + k), fill=0)
@@ -94,6 +96,17 @@ def score(args: argparse.Namespace) -> None:
     both = counts[(False, False)]
     print(f"both misread {both} of {key['n']} ({100 * both / key['n']:.2f}%): exact-match above "
           f"{100 * (1 - both / key['n']):.2f}% on this suite is beyond both")
+    # A digit that neither reads alone is no easier among others: where each digit of an image is misread by
+    # both at that rate, an image of L digits is read right at most (1 - rate)^L of the time.
+    per_digit = 1 - both / key["n"]
+    style = SUITES[key["suite"]].style
+    pool = load_pools(args.data_root, splits=("test",))["test"]
+    print(f"ceilings of the suites in the {style!r} style, at {100 * per_digit:.2f}% a digit (make eval's images):")
+    print("| suite | digits an image | exact-match ceiling |")
+    print("|---|---:|---:|")
+    for name in (name for name, suite in SUITES.items() if suite.style == style):
+        lengths = np.array([len(sample.digits) for sample in suite_samples(name, pool, key["n"])])
+        print(f"| {name} | {lengths.mean():.2f} | {100 * np.mean(per_digit**lengths):.2f}% |")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -179,6 +179,7 @@ def test_blind_reading_sheets_and_score(tiny_checkpoint, tmp_path, capsys):
     first_misread = images[0]["reader"] != images[0]["truth"]
     assert f"both misread {int(first_misread)} of 12" in printed
     assert f"the person read {len(misread) - first_misread} right and {int(first_misread)} wrong" in printed
+    assert f"| single-drawn | 1.00 | {100 * (1 - first_misread / 12):.2f}% |" in printed  # the ceiling of one digit an image
 
     (tmp_path / "short.txt").write_text(" ".join(answers[:-1]))
     with pytest.raises(SystemExit, match=f"must hold {len(images)} digit strings"):
