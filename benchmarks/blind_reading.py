@@ -12,8 +12,9 @@ neither the truth nor the reading, so whoever reads them reads blind.
 `--score DIR ANSWERS` takes ANSWERS, a text file of that person's readings in sheet order (one digit
 string per image, separated by whitespace), and prints how many of the reader's misreadings and of its
 right readings the person read right, and the share of the suite that both misread: what no reader of
-these images is likely to get right, and what that rate a digit allows on the other suites drawn in the same
-style: (1 - rate)^L for an image of L digits, averaged over each suite's images.
+these images is likely to get right; and, for a suite of one digit an image, what that rate a digit allows on
+the other suites drawn in the same style: (1 - rate)^L for an image of L digits, averaged over each suite's
+images.
 """
 
 from __future__ import annotations
@@ -40,17 +41,20 @@ LABEL = 14  # px above each image for its number
 
 def write_sheets(out: Path, images: list[np.ndarray], per_sheet: int) -> list[Path]:
     """Contact sheets of `images` (arrays in [0, 1], either polarity), numbered from 0 in order, each image
-    scaled to fill its cell."""
+    scaled to fill its cell. Cells are as many times wider than tall as the images' median shape (a strip's
+    digits would be too small to read in a square), and the sheet keeps its width with fewer columns."""
+    wide = max(1, min(COLUMNS, round(float(np.median([image.shape[1] / image.shape[0] for image in images])))))
+    width, columns = CELL * wide, COLUMNS // wide
     paths = []
     for first in range(0, len(images), per_sheet):
         chunk = images[first : first + per_sheet]
-        rows = -(-len(chunk) // COLUMNS)
-        sheet = Image.new("L", (COLUMNS * CELL, rows * (CELL + LABEL)), 255)
+        rows = -(-len(chunk) // columns)
+        sheet = Image.new("L", (columns * width, rows * (CELL + LABEL)), 255)
         draw = ImageDraw.Draw(sheet)
         for k, image in enumerate(chunk):
             # Small images are enlarged to the cell, as a person would zoom in on them.
-            thumb = ImageOps.contain(Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)), (CELL - 4, CELL - 4))
-            left, top = (k % COLUMNS) * CELL, (k // COLUMNS) * (CELL + LABEL)
+            thumb = ImageOps.contain(Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)), (width - 4, CELL - 4))
+            left, top = (k % columns) * width, (k // columns) * (CELL + LABEL)
             sheet.paste(thumb, (left, top + LABEL))
             draw.text((left + 2, top), str(first + k), fill=0)
         paths.append(out / f"sheet-{first // per_sheet}.png")
@@ -96,6 +100,8 @@ def score(args: argparse.Namespace) -> None:
     both = counts[(False, False)]
     print(f"both misread {both} of {key['n']} ({100 * both / key['n']:.2f}%): exact-match above "
           f"{100 * (1 - both / key['n']):.2f}% on this suite is beyond both")
+    if SUITES[key["suite"]].layout != "single":
+        return  # the rate is per image of several digits: what it allows on other suites takes a one-digit suite
     # A digit that neither reads alone is no easier among others: where each digit of an image is misread by
     # both at that rate, an image of L digits is read right at most (1 - rate)^L of the time.
     per_digit = 1 - both / key["n"]
