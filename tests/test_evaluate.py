@@ -181,6 +181,17 @@ def test_blind_reading_sheets_and_score(tiny_checkpoint, tmp_path, capsys):
     assert f"the person read {len(misread) - first_misread} right and {int(first_misread)} wrong" in printed
     assert f"| single-drawn | 1.00 | {100 * (1 - first_misread / 12):.2f}% |" in printed  # the ceiling of one digit an image
 
+    # From a suite of several digits an image the rate is per image: no ceilings for other suites follow from it.
+    strips = tmp_path / "strips"
+    blind_reading(["--sheets", str(strips), "--checkpoint", str(tiny_checkpoint), "--suite", "drawn", "--n", "4"])
+    strip_images = json.loads((strips / "key.json").read_text())["images"]
+    (tmp_path / "strips.txt").write_text(" ".join("".join(map(str, image["truth"])) for image in strip_images))
+    capsys.readouterr()
+    blind_reading(["--score", str(strips), str(tmp_path / "strips.txt")])
+    printed = capsys.readouterr().out
+    assert "both misread 0 of 4" in printed and "ceilings" not in printed
+    assert Image.open(strips / "sheet-0.png").size[0] <= COLUMNS * CELL  # wider cells, fewer columns: no wider a sheet
+
     (tmp_path / "short.txt").write_text(" ".join(answers[:-1]))
     with pytest.raises(SystemExit, match=f"must hold {len(images)} digit strings"):
         blind_reading(["--score", str(sheets), str(tmp_path / "short.txt")])
