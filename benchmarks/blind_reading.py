@@ -1,8 +1,8 @@
 """`python -m benchmarks.blind_reading`: how many of the reader's misreadings a person misreads too.
 
-A suite's exact-match rate has a ceiling below 100% where some of its images cannot be read, by anyone:
-a digit whose synthesis left it as dots, or closed its loops. This measures that ceiling with a person
-as the reference, in two steps.
+A suite's exact-match rate has a ceiling below 100% where some of its images cannot be made out: a
+drawn digit that looks like another, a digit that noise or blur has erased. This measures that ceiling
+with a person as the reference (one reader's measure, not a bound on every reader), in two steps.
 
 `--sheets DIR` reads a suite as `make eval` does (the checkpoint, greedy, one view), takes every image
 it misreads and as many others read right (at least --right), shuffles them, and writes numbered contact
@@ -11,8 +11,8 @@ neither the truth nor the reading, so whoever reads them reads blind.
 
 `--score DIR ANSWERS` takes ANSWERS, a text file of that person's readings in sheet order (one digit
 string per image, separated by whitespace), and prints how many of the reader's misreadings and of its
-right readings the person read right, and the share of the suite that both misread: what no reader of
-these images is likely to get right; and, for a suite of one digit an image, what that rate a digit allows on
+right readings the person read right, and the share of the suite that both misread: what neither
+reader got right; and, for a suite of one digit an image, what that rate a digit allows on
 the other suites drawn in the same style: (1 - rate)^L for an image of L digits, averaged over each suite's
 images.
 """
