@@ -11,8 +11,8 @@ neither the truth nor the reading, so whoever reads them reads blind.
 
 `--score DIR ANSWERS` takes ANSWERS, a text file of that person's readings in sheet order (one digit
 string per image, separated by whitespace), and prints how many of the reader's misreadings and of its
-right readings the person read right, and the share of the suite that both misread: what neither
-reader got right; and, for a suite of one digit an image, what that rate a digit allows on
+right readings the person read right, the share of the suite that both misread (what neither reader got
+right) and how many of those both read alike, truth -> reading; and, for a suite of one digit an image, what that rate a digit allows on
 the other suites drawn in the same style: (1 - rate)^L for an image of L digits, averaged over each suite's
 images.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,11 @@ def score(args: argparse.Namespace) -> None:
     both = counts[(False, False)]
     print(f"both misread {both} of {key['n']} ({100 * both / key['n']:.2f}%): exact-match above "
           f"{100 * (1 - both / key['n']):.2f}% on this suite is beyond both")
+    # Misread alike, the image looks like what both read: ambiguous in itself, not a slip of one reader.
+    alike = Counter(("".join(map(str, image["truth"])), answer) for image, answer in zip(images, answers)
+                    if image["reader"] != image["truth"] and [int(d) for d in answer] == image["reader"])
+    print(f"of those, {sum(alike.values())} read alike by both (truth -> reading, times): "
+          + ", ".join(f"{truth} -> {reading} x{times}" for (truth, reading), times in alike.most_common()))
     if SUITES[key["suite"]].layout != "single":
         return  # the rate is per image of several digits: what it allows on other suites takes a one-digit suite
     # A digit that neither reads alone is no easier among others: where each digit of an image is misread by

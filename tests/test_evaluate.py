@@ -179,6 +179,8 @@ def test_blind_reading_sheets_and_score(tiny_checkpoint, tmp_path, capsys):
     first_misread = images[0]["reader"] != images[0]["truth"]
     assert f"both misread {int(first_misread)} of 12" in printed
     assert f"the person read {len(misread) - first_misread} right and {int(first_misread)} wrong" in printed
+    alike = first_misread and [int(answers[0])] == images[0]["reader"]
+    assert f"of those, {int(alike)} read alike by both" in printed
     assert f"| single-drawn | 1.00 | {100 * (1 - first_misread / 12):.2f}% |" in printed  # the ceiling of one digit an image
 
     # From a suite of several digits an image the rate is per image: no ceilings for other suites follow from it.
