@@ -37,7 +37,17 @@ from model.decoding import greedy_decode
 from model.network import DigitReader, count_parameters
 from train.batches import Batch
 from train.distributed import Placement
-from train.loop import PRESETS, TrainConfig, allow_tf32, learning_rate, make_optimizer, mixed_precision, pick_device, training_step
+from train.loop import (
+    PRESETS,
+    TrainConfig,
+    allow_tf32,
+    learning_rate,
+    make_optimizer,
+    mixed_precision,
+    pick_device,
+    resolved_precision,
+    training_step,
+)
 
 
 @dataclass
@@ -83,7 +93,8 @@ def training_steps(model: torch.nn.Module, cfg: TrainConfig, batches: list[list[
     """step(i): the train() step i of `model` (forward, backward, clipping, AdamW) on batches[i % len(batches)]."""
     optimizer = make_optimizer(model, cfg)
     step_model = cast(torch.nn.Module, torch.compile(model)) if compile_model else model
-    place, autocast = Placement(0, 1, device), mixed_precision(device)
+    # auto as on a GPU; a CPU, where training times both, is measured here in fp32
+    place, autocast = Placement(0, 1, device), mixed_precision(device, resolved_precision(device) or "fp32")
     model.train()
 
     def step(i: int) -> None:
@@ -132,7 +143,7 @@ def profile(model: DigitReader, cfg: TrainConfig, batches: list[list[Batch]], de
     print(trace.key_averages().table(sort_by=sort_by, row_limit=15))
     model.eval()
     images, mask = batches[0][0].images.to(device), batches[0][0].pixel_mask.to(device)
-    precisions = [("fp32", nullcontext())] + ([("bf16 autocast", mixed_precision(device))] if device.type == "cuda" else [])
+    precisions = [("fp32", nullcontext())] + ([("bf16 autocast", mixed_precision(device, "bf16"))] if device.type == "cuda" else [])
     for name, precision in precisions:
         with torch.inference_mode(), precision:
             greedy_decode(model, images, mask)  # warm-up outside the trace
@@ -189,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         ("greedy decoding, fp32", f"{decode_fp32:,.0f} images/s"),
     ]
     if device.type == "cuda":
-        decode_bf16 = decoding_rate(model, batches, plan, device, mixed_precision(device))
+        decode_bf16 = decoding_rate(model, batches, plan, device, mixed_precision(device, "bf16"))
         rows.append(("greedy decoding, bf16 autocast", f"{decode_bf16:,.0f} images/s"))
     weights = args.checkpoint or "untrained: decodes run to max_digits"
     print(f"\ndevice: {device_name(device)}; torch {torch.__version__}; preset {args.preset} "

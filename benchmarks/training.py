@@ -5,8 +5,9 @@ Prints one row per layout and one for the preset's whole mixture:
     MNIST digits to the model's input tensors (digit-bank warps, layout,
     effects, the round-trip share through full preprocessing, collation);
   - training-step images/s at 1 and at 2 threads on those batches (forward,
-    backward, clipping, AdamW), at the config's precision (bf16 autocast where
-    this CPU multiplies bf16 faster, `train.loop.bf16_is_faster_on`;
+    backward, clipping, AdamW), at the config's precision (for `auto`, as
+    training chooses it: whichever of bf16 autocast and fp32 runs the first
+    row's first step faster, `train.loop.faster_precision`, printed;
     `--set precision=bf16` or `fp32` to choose);
   - tokens per image (the encoder's sequence length; in brackets with the
     padding of its micro-batch, which the step computes too) and
@@ -39,6 +40,7 @@ from train.loop import (
     PRESETS,
     TrainConfig,
     apply_overrides,
+    faster_precision,
     learning_rate,
     loss_on,
     make_optimizer,
@@ -82,13 +84,27 @@ def step_flops(model: torch.nn.Module, step: list[Batch], cfg: TrainConfig) -> f
     return counter.get_total_flops()
 
 
-def step_rate(cfg: TrainConfig, batches: list[list[Batch]], threads: int, repeats: int) -> float:
-    """Training images/s at `threads` threads, cycling through the batches after one warm-up pass."""
+def timed_precision(cfg: TrainConfig, batch: list[Batch]) -> str:
+    """What training's `auto` chooses on this CPU, timed on one step's micro-batches at one thread (printed)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    optimizer = make_optimizer(model, cfg)
+    place = Placement(0, 1, torch.device("cpu"))
+    chosen, seconds = faster_precision(
+        lambda autocast: training_step(model, optimizer, batch, cfg, cfg.lr, place, autocast), torch.device("cpu"))
+    print(f"precision auto: a step took {1000 * seconds['bf16']:.0f} ms in bf16, {1000 * seconds['fp32']:.0f} ms in fp32 "
+          f"(median of 3, one thread): {chosen}", flush=True)
+    return chosen
+
+
+def step_rate(cfg: TrainConfig, batches: list[list[Batch]], threads: int, repeats: int, precision: str) -> float:
+    """Training images/s at `threads` threads in `precision`, cycling through the batches after one warm-up pass."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
     optimizer = make_optimizer(model, cfg)
-    place, autocast = Placement(0, 1, torch.device("cpu")), mixed_precision(torch.device("cpu"), cfg.precision)
+    place, autocast = Placement(0, 1, torch.device("cpu")), mixed_precision(torch.device("cpu"), precision)
     for batch in batches[:2]:
         training_step(model, optimizer, batch, cfg, learning_rate(cfg, 0), place, autocast)
     began = time.perf_counter()
@@ -120,10 +136,11 @@ def main(argv: list[str] | None = None) -> None:
         peaks[threads] = matmul_flops_per_s()
         bf16_peaks[threads] = matmul_flops_per_s(dtype=torch.bfloat16)
     model = cfg.model
+    precision = resolved_precision(torch.device("cpu"), cfg.precision)
     print(f"preset {args.preset}{' ' + ' '.join(args.overrides) if args.overrides else ''}: {cfg.model.kind}, "
           f"{count_parameters(build_model(model)):,} parameters, digit height {model.digit_height:g} px, stride {model.stride} px, "
           f"d_model {model.d_model}, {model.n_encoder_layers}+{model.n_decoder_layers} layers, batch {cfg.batch_size}, "
-          f"steps in {resolved_precision(torch.device('cpu'), cfg.precision)}")
+          f"steps in {precision or 'bf16 or fp32, whichever runs the first step faster'}")
     for name, rates in (("float32", peaks), ("bfloat16", bf16_peaks)):
         print(f"{name} matmul peak: " + ", ".join(f"{rates[t] / 1e9:.1f} GFLOP/s at {t} thread{'s' * (t > 1)}" for t in THREADS))
     print()
@@ -143,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
         flop_model = build_model(row_cfg.model).train()
         sample = batches[:: max(1, len(batches) // 8)]
         gflop = sum(step_flops(flop_model, b, row_cfg) for b in sample) / sum(len(m.digits) for b in sample for m in b) / 1e9
-        rates = {t: step_rate(row_cfg, sample, t, args.train_steps) for t in THREADS}
+        if precision is None:
+            precision = timed_precision(row_cfg, sample[0])
+        rates = {t: step_rate(row_cfg, sample, t, args.train_steps, precision) for t in THREADS}
         efficiency = {t: gflop * 1e9 * rates[t] / peaks[t] for t in THREADS}
         lines.append(
             f"| {name} | {made:,.0f} | " + " | ".join(f"{rates[t]:,.0f}" for t in THREADS)

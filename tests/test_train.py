@@ -281,21 +281,66 @@ def test_classifier_batches_keep_digits_too_wide_for_the_square_at_their_own_siz
     assert not torch.equal(maker(1)[0].images[:16], square.images[:16])
 
 
-def test_precision_auto_trains_in_bf16_only_where_the_cpu_multiplies_it_faster(monkeypatch):
+def test_precision_auto_is_bf16_on_cuda_fp32_on_other_accelerators_and_timed_on_a_cpu():
     cpu = torch.device("cpu")
-    assert loop.bf16_is_faster_on({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})
-    assert loop.bf16_is_faster_on({"asimd", "bf16"})
-    assert not loop.bf16_is_faster_on({"avx512f", "avx512_bf16", "avx512_fp16"})
-    assert not loop.bf16_is_faster_on(set())
-    for flags, expected in (({"amx_bf16"}, "bf16"), ({"avx512_bf16"}, "fp32")):
-        monkeypatch.setattr(loop, "cpu_flags", lambda flags=flags: flags)
-        assert loop.resolved_precision(cpu) == expected
-        with loop.mixed_precision(cpu):
-            assert torch.is_autocast_enabled("cpu") == (expected == "bf16")
-        assert loop.resolved_precision(cpu, "fp32") == "fp32" and loop.resolved_precision(cpu, "bf16") == "bf16"
+    assert loop.resolved_precision(cpu) is None
+    assert loop.resolved_precision(torch.device("cuda")) == "bf16"
     assert loop.resolved_precision(torch.device("mps"), "bf16") == "fp32"
+    assert loop.resolved_precision(cpu, "fp32") == "fp32" and loop.resolved_precision(cpu, "bf16") == "bf16"
     with pytest.raises(ValueError, match=r"--set precision="):
         loop.resolved_precision(cpu, "fp16")
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        loop.mixed_precision(cpu, "auto")
+    for precision in loop.PRECISIONS:
+        with loop.mixed_precision(cpu, precision):
+            assert torch.is_autocast_enabled("cpu") == (precision == "bf16")
+
+
+def test_faster_precision_takes_bf16_only_where_its_step_is_clearly_faster():
+    cpu = torch.device("cpu")
+    for bf16_s, fp32_s, expected in ((0.05, 0.1, "bf16"), (0.09, 0.1, "bf16"), (0.095, 0.1, "fp32"), (0.2, 0.1, "fp32")):
+        now, in_bf16 = [0.0], list[bool]()
+
+        def step(autocast, bf16_s=bf16_s, fp32_s=fp32_s, now=now, in_bf16=in_bf16):
+            with autocast:
+                in_bf16.append(torch.is_autocast_enabled("cpu"))
+            now[0] += bf16_s if in_bf16[-1] else fp32_s
+
+        def clock(now=now) -> float:
+            return now[0]
+
+        chosen, seconds = loop.faster_precision(step, cpu, timed_steps=3, clock=clock)
+        assert chosen == expected
+        assert seconds == pytest.approx({"bf16": bf16_s, "fp32": fp32_s})
+        assert in_bf16 == [True, False] * 4  # one untimed step each, then three in turn
+
+
+def test_a_cpu_run_on_auto_trains_in_the_precision_its_first_step_timed_faster_and_keeps_it(tmp_path, monkeypatch):
+    cfg = replace(PRESETS["tiny"], steps=4, warmup_steps=2, eval_every=2, save_every=2, batch_size=4, val_per_layout=2,
+                  precision="auto", device="cpu")
+    timings = []
+
+    def bf16_faster(step, device):
+        for precision in loop.PRECISIONS:  # the timing's steps, on the run's copy of the model
+            step(loop.mixed_precision(device, precision))
+        timings.append(device)
+        return "bf16", {"bf16": 0.01, "fp32": 0.02}
+
+    monkeypatch.setattr(loop, "faster_precision", bf16_faster)
+    full_stream = TrainingStream.__iter__
+    monkeypatch.setattr(TrainingStream, "__iter__", lambda self: itertools.islice(full_stream(self), 2 - self.start_step))
+    train(cfg, tmp_path / "auto")
+    train(replace(cfg, precision="bf16"), tmp_path / "bf16")
+    assert len(timings) == 1
+    timed, timed_meta = load_checkpoint(tmp_path / "auto" / "last.safetensors")
+    chosen, _ = load_checkpoint(tmp_path / "bf16" / "last.safetensors")
+    assert timed_meta["training"]["precision"] == "bf16"
+    # The timing trained a copy with the random state put back: the run is the one it would have been without it.
+    assert all(torch.equal(a, b) for a, b in zip(timed.state_dict().values(), chosen.state_dict().values()))
+    monkeypatch.setattr(TrainingStream, "__iter__", full_stream)
+    train_command(["--out", str(tmp_path / "auto"), "--resume"])
+    training = load_checkpoint(tmp_path / "auto" / "last.safetensors")[1]["training"]
+    assert (training["step"], training["precision"], len(timings)) == (4, "bf16", 1)
 
 
 def test_a_bf16_step_runs_its_linear_layers_in_bf16_and_attention_in_fp32(pools, monkeypatch):

@@ -15,7 +15,7 @@ described in docs/TRAINING_AT_SCALE.md; the code is in train.batches
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -124,6 +124,14 @@ def agree_on_clock(place: Placement, elapsed_s: float, deadline_s: float) -> tup
     mine = torch.tensor([elapsed_s, float(stop)] if place.is_main else [0.0, 0.0], dtype=torch.float64, device=place.device)
     clock, flag = all_ranks_sum(mine).tolist()
     return clock, flag > 0
+
+
+def rank0_choice(place: Placement, options: Sequence[str], choice: str) -> str:
+    """Rank 0's `choice` among `options`, on every rank: for what each rank measures for itself but all must share."""
+    if not place.distributed:
+        return choice
+    mine = torch.tensor([options.index(choice) if place.is_main else 0], dtype=torch.int64, device=place.device)
+    return options[int(all_ranks_sum(mine).item())]
 
 
 def barrier(place: Placement) -> None:

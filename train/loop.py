@@ -71,9 +71,9 @@ class TrainConfig:
     loader_workers: int = 0  # processes that make batches ahead of the step; 0 = in the loop
     compile: bool = False
     device: str = "auto"
-    # "auto": bf16 autocast on CUDA, and on a CPU with bf16 matrix units (AMX or Arm's BF16), where the race's
-    # one-thread reader steps run a quarter faster than in fp32 (docs/TRAINING.md, "bf16 on the CPU"); fp32 elsewhere,
-    # AVX512-BF16 without AMX included, where bf16 is slower ("bf16 without AMX"). "fp32" or "bf16" to choose.
+    # "auto": bf16 autocast on CUDA; on a CPU, whichever of bf16 and fp32 trains the run's first step faster there
+    # (`faster_precision`): CPUs whose flags promise fast bf16 have run the step 40% faster in it, half as fast, and
+    # no faster (docs/TRAINING.md, "bf16 on the CPU", "bf16 without AMX"). "fp32" or "bf16" to choose.
     # Weights, gradients and the optimizer stay fp32 either way.
     precision: str = "auto"
     tensorboard: bool = False
@@ -107,6 +107,7 @@ PRESETS: dict[str, TrainConfig] = {
         model=ModelConfig(stem_channels=(8,), patch_size=4, d_model=32, n_heads=2, n_encoder_layers=1, n_decoder_layers=1),
         batch_size=16, groups=2, steps=30, warmup_steps=5, ramp_steps=5, eval_every=15, save_every=10, val_per_layout=8,
         bank_size=64, bank_steps=4,
+        precision="fp32",  # a smoke test's few steps, the same on every machine: no time spent choosing
     ),
     # The encoder alone, with a class head, on single digits: 10 minutes of this CPU. Mostly digits changed in shape
     # only: with 40% clean, 40% the training style and 20% drawn it read 98.91% of MNIST test (docs/TRAINING.md).
@@ -186,39 +187,50 @@ def learning_rate(cfg: TrainConfig, step: int, elapsed_s: float = 0.0, budget_s:
     return decayed * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux reports them (x86 `flags`, Arm `Features`); empty elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return {flag for line in cpuinfo if line.startswith(("flags", "Features")) for flag in line.split()}
-    except OSError:
-        return set()
+PRECISIONS = ("bf16", "fp32")
+# bf16 rounds activations: on a CPU it is chosen only where its step takes at most this share of fp32's time.
+BF16_MAX_TIME_SHARE = 0.9
 
 
-def bf16_is_faster_on(flags: set[str]) -> bool:
-    """Whether a CPU with these flags multiplies bf16 faster than fp32: x86 with AMX tiles (`amx_bf16`), or Arm's
-    BF16 (`bf16`). AVX512-BF16 alone is not enough: on such a Xeon, without AMX, a bf16 matmul ran at half the
-    fp32 rate and the fine-tune's step at 54% of its fp32 speed (docs/TRAINING.md, "bf16 without AMX")."""
-    return bool(flags & {"amx_bf16", "bf16"})
-
-
-def resolved_precision(device: torch.device, precision: str = "auto") -> str:
-    """"bf16" or "fp32": what `TrainConfig.precision` means on this device ("auto": bf16 on CUDA and on a CPU
-    where it is faster, `bf16_is_faster_on`; fp32 elsewhere, MPS included)."""
-    if precision not in ("auto", "bf16", "fp32"):
+def resolved_precision(device: torch.device, precision: str = "auto") -> str | None:
+    """"bf16" or "fp32": what `TrainConfig.precision` means on this device ("auto": bf16 on CUDA, fp32 on other
+    accelerators such as MPS), or None for "auto" on a CPU, where only timing the step tells (`faster_precision`)."""
+    if precision not in ("auto", *PRECISIONS):
         raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', not {precision!r} (--set precision=...)")
     if device.type not in ("cpu", "cuda"):
         return "fp32"
     if precision == "auto":
-        return "bf16" if device.type == "cuda" or bf16_is_faster_on(cpu_flags()) else "fp32"
+        return "bf16" if device.type == "cuda" else None
     return precision
 
 
-def mixed_precision(device: torch.device, precision: str = "auto") -> torch.autocast:
-    """The autocast a training step runs under: bf16, or disabled for fp32 (`resolved_precision`).
+def mixed_precision(device: torch.device, precision: str) -> torch.autocast:
+    """The autocast a training step runs under in a resolved precision: bf16, or disabled for fp32.
     (TF32 for CUDA's fp32 matmuls is a process-wide flag: entry points set it with `allow_tf32`.)"""
-    bf16 = resolved_precision(device, precision) == "bf16"
+    if precision not in PRECISIONS:
+        raise ValueError(f"mixed_precision needs 'bf16' or 'fp32', not {precision!r}: resolve 'auto' first (resolved_precision)")
+    bf16 = precision == "bf16" and device.type in ("cpu", "cuda")
     return torch.autocast(device.type if bf16 else "cpu", dtype=torch.bfloat16, enabled=bf16)
+
+
+def faster_precision(
+    step: Callable[[torch.autocast], object], device: torch.device, timed_steps: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[str, dict[str, float]]:
+    """The precision that runs `step` (called with that precision's autocast) faster here, and each one's median
+    seconds a step. Each runs once untimed first (kernel selection, caches), then the two take turns, so that a
+    change in the machine's speed weighs on both; bf16 wins only at BF16_MAX_TIME_SHARE of fp32's time or less."""
+    autocasts = {precision: mixed_precision(device, precision) for precision in PRECISIONS}
+    for autocast in autocasts.values():
+        step(autocast)
+    seconds: dict[str, list[float]] = {precision: [] for precision in PRECISIONS}
+    for _ in range(timed_steps):
+        for precision, autocast in autocasts.items():
+            began = clock()
+            step(autocast)
+            seconds[precision].append(clock() - began)
+    medians = {precision: float(np.median(times)) for precision, times in seconds.items()}
+    return ("bf16" if medians["bf16"] <= BF16_MAX_TIME_SHARE * medians["fp32"] else "fp32"), medians
 
 
 def allow_tf32() -> None:
@@ -475,14 +487,15 @@ class _Stage:
         # reader after a classifier stage); the JSON's git_commit says only which commit was checked out
         # when a checkpoint was written.
         self.started_at_commit = started_at_commit or git_commit()
+        # None until the first step times both (`choose_precision`); a resumed run keeps the one it trained in.
+        self.precision = resolved_precision(place.device, cfg.precision)
         if resume:
             self.restore()
         if place.is_main:
             (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         step_model = distributed.wrap(self.model, place)
         self.step_model = cast(torch.nn.Module, torch.compile(step_model)) if cfg.compile else step_model
-        self.precision = resolved_precision(place.device, cfg.precision)  # once: it reads the CPU's flags
-        self.autocast = mixed_precision(place.device, self.precision)
+        self.autocast = mixed_precision(place.device, self.precision) if self.precision else None
         self.val = validation_batches(self.pools["val"], cfg)
         self.log = MetricLog(out, cfg, resume) if place.is_main else None
 
@@ -507,6 +520,26 @@ class _Stage:
         self.start_step, self.best = extra["step"], extra["best"]
         self.elapsed_before, self.samples = extra["elapsed_s"], extra["samples"]
         self.started_at_commit = extra.get("started_at_commit", self.started_at_commit)
+        self.precision = extra.get("precision") or self.precision
+
+    def choose_precision(self, micro_batches: list[Batch]) -> torch.autocast:
+        """For "auto" on a CPU: the precision that trains this step's micro-batches faster here (`faster_precision`),
+        timed on a copy of the model and optimizer with the random state put back, so the run itself is as it would be
+        without the timing. Each rank times its own; all take rank 0's choice."""
+        probe = build_model(self.cfg.model).to(self.place.device)  # not a deepcopy: DDP's hooks are on self.model
+        probe.load_state_dict(self.model.state_dict())
+        training_mode(probe, self.cfg.freeze_batchnorm)
+        optimizer = make_optimizer(probe, self.cfg)
+        alone = Placement(0, 1, self.place.device)
+        with torch.random.fork_rng(devices=[]):
+            chosen, seconds = faster_precision(
+                lambda autocast: training_step(probe, optimizer, micro_batches, self.cfg, self.cfg.lr, alone, autocast),
+                self.place.device)
+        self.precision = distributed.rank0_choice(self.place, PRECISIONS, chosen)
+        if self.place.is_main:
+            tqdm.write(f"precision {self.precision}: a step took {1000 * seconds['bf16']:.0f} ms in bf16, "
+                       f"{1000 * seconds['fp32']:.0f} ms in fp32 (median of 3, this run's first micro-batches)")
+        return mixed_precision(self.place.device, self.precision)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.entered
@@ -545,7 +578,8 @@ class _Stage:
         if place.is_main:
             processes = f", {place.world_size} processes of {cfg.batch_size // place.world_size} samples" if place.distributed else ""
             length = f"{self.budget_s:.0f} s" if budgeted else f"steps {self.start_step}->{cfg.steps}"
-            print(f"{cfg.model.kind}: {count_parameters(self.model):,} parameters, device {place.device} ({self.precision}), "
+            print(f"{cfg.model.kind}: {count_parameters(self.model):,} parameters, device {place.device} "
+                  f"({self.precision or 'bf16 or fp32, timed on the first step'}), "
                   f"{length}{processes}")
         training_mode(self.model, cfg.freeze_batchnorm)
         metrics: dict = {}
@@ -564,6 +598,8 @@ class _Stage:
                 ended = True
                 break
             lr = learning_rate(cfg, step, clock, deadline)
+            if self.autocast is None:
+                self.autocast = self.choose_precision(micro_batches)
             loss, grad_norm = training_step(self.step_model, self.optimizer, micro_batches, cfg, lr, place, self.autocast)
             if self.average is not None:
                 self.average.update_parameters(self.model)
