@@ -7,7 +7,7 @@ Prints one row per layout and one for the preset's whole mixture:
   - training-step images/s at 1 and at 2 threads on those batches (forward,
     backward, clipping, AdamW), at the config's precision (for `auto`, as
     training chooses it: whichever of bf16 autocast and fp32 runs the first
-    row's first step faster, `train.loop.faster_precision`, printed;
+    row's first step faster, `train.loop.timed_precision`, printed;
     `--set precision=bf16` or `fp32` to choose);
   - tokens per image (the encoder's sequence length; in brackets with the
     padding of its micro-batch, which the step computes too) and
@@ -40,12 +40,12 @@ from train.loop import (
     PRESETS,
     TrainConfig,
     apply_overrides,
-    faster_precision,
     learning_rate,
     loss_on,
     make_optimizer,
     mixed_precision,
     resolved_precision,
+    timed_precision,
     training_step,
 )
 
@@ -82,20 +82,6 @@ def step_flops(model: torch.nn.Module, step: list[Batch], cfg: TrainConfig) -> f
             loss_on(model, batch, cfg, torch.device("cpu")).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
-
-
-def timed_precision(cfg: TrainConfig, batch: list[Batch]) -> str:
-    """What training's `auto` chooses on this CPU, timed on one step's micro-batches at one thread (printed)."""
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = build_model(cfg.model).train()
-    optimizer = make_optimizer(model, cfg)
-    place = Placement(0, 1, torch.device("cpu"))
-    chosen, seconds = faster_precision(
-        lambda autocast: training_step(model, optimizer, batch, cfg, cfg.lr, place, autocast), torch.device("cpu"))
-    print(f"precision auto: a step took {1000 * seconds['bf16']:.0f} ms in bf16, {1000 * seconds['fp32']:.0f} ms in fp32 "
-          f"(median of 3, one thread): {chosen}", flush=True)
-    return chosen
 
 
 def step_rate(cfg: TrainConfig, batches: list[list[Batch]], threads: int, repeats: int, precision: str) -> float:
@@ -160,8 +146,11 @@ def main(argv: list[str] | None = None) -> None:
         flop_model = build_model(row_cfg.model).train()
         sample = batches[:: max(1, len(batches) // 8)]
         gflop = sum(step_flops(flop_model, b, row_cfg) for b in sample) / sum(len(m.digits) for b in sample for m in b) / 1e9
-        if precision is None:
-            precision = timed_precision(row_cfg, sample[0])
+        if precision is None:  # as training's `auto` chooses, on one thread
+            torch.set_num_threads(1)
+            torch.manual_seed(0)
+            precision, timing = timed_precision(row_cfg, sample[0], torch.device("cpu"))
+            print(f"precision auto: {timing}, one thread: {precision}", flush=True)
         rates = {t: step_rate(row_cfg, sample, t, args.train_steps, precision) for t in THREADS}
         efficiency = {t: gflop * 1e9 * rates[t] / peaks[t] for t in THREADS}
         lines.append(

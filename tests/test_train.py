@@ -320,7 +320,7 @@ def test_a_cpu_run_on_auto_trains_in_the_precision_its_first_step_timed_faster_a
                   precision="auto", device="cpu")
     timings = []
 
-    def bf16_faster(step, device):
+    def bf16_faster(step, device, timed_steps):
         for precision in loop.PRECISIONS:  # the timing's steps, on the run's copy of the model
             step(loop.mixed_precision(device, precision))
         timings.append(device)

@@ -233,6 +233,26 @@ def faster_precision(
     return ("bf16" if medians["bf16"] <= BF16_MAX_TIME_SHARE * medians["fp32"] else "fp32"), medians
 
 
+def timed_precision(
+    cfg: TrainConfig, micro_batches: list[Batch], device: torch.device, weights: dict[str, torch.Tensor] | None = None,
+) -> tuple[str, str]:
+    """What "auto" means on this CPU for one training step on `micro_batches` (`faster_precision`), and a line saying
+    how long each precision took. Timed on a model of cfg.model (with `weights`, else freshly initialised) and an
+    optimizer of its own, the random state put back: whatever else trains is left as it would be without the timing."""
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg.model).to(device)
+        if weights is not None:
+            model.load_state_dict(weights)
+        training_mode(model, cfg.freeze_batchnorm)
+        optimizer = make_optimizer(model, cfg)
+        alone = Placement(0, 1, device)
+        timed_steps = 3
+        chosen, seconds = faster_precision(
+            lambda autocast: training_step(model, optimizer, micro_batches, cfg, cfg.lr, alone, autocast), device, timed_steps)
+    return chosen, (f"a step took {1000 * seconds['bf16']:.0f} ms in bf16, {1000 * seconds['fp32']:.0f} ms in fp32 "
+                    f"(median of {timed_steps})")
+
+
 def allow_tf32() -> None:
     """Let CUDA run fp32 matmuls and convolutions in TF32; a process-wide setting, for entry points."""
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -523,22 +543,13 @@ class _Stage:
         self.precision = extra.get("precision") or self.precision
 
     def choose_precision(self, micro_batches: list[Batch]) -> torch.autocast:
-        """For "auto" on a CPU: the precision that trains this step's micro-batches faster here (`faster_precision`),
-        timed on a copy of the model and optimizer with the random state put back, so the run itself is as it would be
-        without the timing. Each rank times its own; all take rank 0's choice."""
-        probe = build_model(self.cfg.model).to(self.place.device)  # not a deepcopy: DDP's hooks are on self.model
-        probe.load_state_dict(self.model.state_dict())
-        training_mode(probe, self.cfg.freeze_batchnorm)
-        optimizer = make_optimizer(probe, self.cfg)
-        alone = Placement(0, 1, self.place.device)
-        with torch.random.fork_rng(devices=[]):
-            chosen, seconds = faster_precision(
-                lambda autocast: training_step(probe, optimizer, micro_batches, self.cfg, self.cfg.lr, alone, autocast),
-                self.place.device)
+        """For "auto" on a CPU: the precision that trains this step's micro-batches faster here (`timed_precision`,
+        on a copy of the weights: a deepcopy would copy DDP's hooks on self.model too). Each rank times its own; all
+        take rank 0's choice."""
+        chosen, timing = timed_precision(self.cfg, micro_batches, self.place.device, self.model.state_dict())
         self.precision = distributed.rank0_choice(self.place, PRECISIONS, chosen)
         if self.place.is_main:
-            tqdm.write(f"precision {self.precision}: a step took {1000 * seconds['bf16']:.0f} ms in bf16, "
-                       f"{1000 * seconds['fp32']:.0f} ms in fp32 (median of 3, this run's first micro-batches)")
+            tqdm.write(f"precision {self.precision}: {timing}, on this run's first micro-batches")
         return mixed_precision(self.place.device, self.precision)
 
     def elapsed(self) -> float:
